@@ -1,0 +1,40 @@
+"""Builds tiny random-weight pipelines of any registered family, offline.
+
+    python -m ddiff_core.tiny --family flux --output_dir models/tiny-flux [--size tiny|small] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ddiff_core.families import available_families, get_family
+
+
+def build_tiny_pipeline(family: str, size: str = "tiny", seed: int = 0):
+    """A random-weight pipeline of ``family``; the same seed gives the same weights."""
+    return get_family(family).build_tiny(size=size, seed=seed)
+
+
+def save_tiny_pipeline(family: str, output_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Builds and saves with ``save_pretrained`` so the family's stock pipeline ``from_pretrained`` loads it."""
+    output_dir = Path(output_dir)
+    build_tiny_pipeline(family, size, seed).save_pretrained(output_dir)
+    return output_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ddiff_core.tiny", description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="flux", choices=available_families())
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--size", default="tiny", choices=["tiny", "small"])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    path = save_tiny_pipeline(args.family, args.output_dir, args.size, args.seed)
+    print(f"saved a {args.size} random-weight {args.family} pipeline to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

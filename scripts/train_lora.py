@@ -1,0 +1,37 @@
+"""Train a LoRA on a diffusers model (FLUX.1 and the other registered families).
+
+    accelerate launch scripts/train_lora.py \\
+        --pretrained_model_name_or_path models/tiny-flux --instance_data_dir data/demo \\
+        --resolution 64 --train_batch_size 2 --max_train_steps 20 --output_dir outputs/demo-lora
+
+Flags follow diffusers' examples/dreambooth/train_dreambooth_lora_flux.py; --config FILE.yaml holds the same keys.
+"""
+
+import logging
+import sys
+
+from ddiff_core.config import ConfigError, parse_config
+from ddiff_core.data import DataError
+from ddiff_core.families import UnknownModelError
+from ddiff_core.trainer import LoraTrainer
+
+
+def main(argv=None) -> int:
+    try:
+        config = parse_config(argv, description=__doc__.splitlines()[0])
+        trainer = LoraTrainer(config)
+        trainer.setup()  # checks data, family and resolution before loading any model
+    except (ConfigError, DataError, UnknownModelError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    trainer.train()
+    trainer.save()
+    trainer.cleanup()
+    if trainer.accelerator.is_main_process:
+        print(trainer.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    sys.exit(main())

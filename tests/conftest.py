@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny offline models built once per session, and a runner for the training script."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_DATA = REPO / "data" / "demo"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    from ddiff_core.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline("flux", tmp_path_factory.mktemp("models") / "tiny-flux", "tiny", seed=0)
+
+
+def train_args(model: Path, output_dir: Path, *extra: str, data: Path = DEMO_DATA) -> list[str]:
+    """Fast defaults for the tiny model: 64 px, batch 2, short prompts, no tracker."""
+    return [
+        "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(data),
+        "--output_dir", str(output_dir), "--resolution", "64", "--train_batch_size", "2",
+        "--max_sequence_length", "32", "--seed", "0", "--report_to", "none", *extra,
+    ]
+
+
+def run_script(script: str, args: list[str], *, processes: int = 0, env: dict | None = None, check: bool = True,
+               timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs ``scripts/<script>``: plainly (processes=0) or under ``accelerate launch`` with 1 or 2 CPU processes."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    script_path = str(REPO / "scripts" / script)
+    if processes == 0:
+        cmd = [sys.executable, script_path, *args]
+    else:
+        config = "cpu_ddp.yaml" if processes == 2 else "cpu.yaml"
+        full_env["ACCELERATE_USE_CPU"] = "1"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "accelerate_configs" / config), script_path, *args]
+        if processes == 2:  # a free port per run, so parallel or back-to-back runs never collide
+            cmd[3:3] = ["--main_process_port", str(_free_port())]
+    result = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
