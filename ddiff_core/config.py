@@ -86,6 +86,17 @@ class TrainConfig:
     logit_mean: float = _opt(0.0, "Mean for logit_normal.")
     logit_std: float = _opt(1.0, "Std for logit_normal.")
     mode_scale: float = _opt(1.29, "Scale for the mode weighting scheme.")
+    # -- validation --------------------------------------------------------------------------
+    validation_prompt: str | None = _opt(None, "Prompt(s) for validation images; separate several with '|'.")
+    num_validation_images: int = _opt(4, "Images per validation prompt, generated in one batched call.")
+    validation_epochs: int = _opt(50, "Validate every N epochs.")
+    validation_steps: int | None = _opt(None, "Validate every N optimizer steps (instead of --validation_epochs).")
+    validation_inference_steps: int = _opt(28, "Denoising steps per validation image.")
+    validation_guidance_scale: float = _opt(3.5, "Guidance scale of validation images.")
+    # -- checkpoints -------------------------------------------------------------------------
+    checkpointing_steps: int = _opt(500, "Write a resumable checkpoint every N optimizer steps.")
+    checkpoints_total_limit: int | None = _opt(None, "Keep at most this many checkpoints (oldest pruned after a save).")
+    resume_from_checkpoint: str | None = _opt(None, "'latest' or a checkpoint folder to resume from.")
     # -- output and logging ------------------------------------------------------------------
     output_dir: str = _opt("ddiff-lora", "Where the LoRA, model card, logs and checkpoints go.")
     report_to: str = _opt("tensorboard", "Tracker.", ("tensorboard", "wandb", "none"))
@@ -99,18 +110,25 @@ class TrainConfig:
             raise ConfigError("one of --instance_data_dir or --dataset_name is required")
         if self.instance_data_dir and self.dataset_name:
             raise ConfigError("give only one of --instance_data_dir and --dataset_name")
-        positive = ("repeats", "train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "rank", "max_sequence_length")
+        positive = ("num_validation_images", "validation_epochs", "validation_inference_steps", "checkpointing_steps", "repeats", "train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "rank", "max_sequence_length")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ConfigError(f"--max_train_steps must be at least 1, got {self.max_train_steps}")
+        for name in ("validation_steps", "checkpoints_total_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.dataloader_num_workers < 0 or self.lr_warmup_steps < 0:
             raise ConfigError("--dataloader_num_workers and --lr_warmup_steps must not be negative")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.learning_rate <= 0:
             raise ConfigError(f"--learning_rate must be positive, got {self.learning_rate}")
+
+    @property
+    def validation_prompts(self) -> list[str]:
+        return [p.strip() for p in (self.validation_prompt or "").split("|") if p.strip()]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

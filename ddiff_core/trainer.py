@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -27,16 +29,30 @@ from ddiff_core.caching import (
     model_description,
     records_description,
 )
+from ddiff_core.checkpoint import Checkpointer, latest_checkpoint, verify_checkpoint
 from ddiff_core.config import ConfigError, TrainConfig
 from ddiff_core.data import DataError, EpochBatchSampler, ImageCaptionDataset, collate, load_records, screen_records
 from ddiff_core.families import resolve_family
 from ddiff_core.latents import sample_latents
 from ddiff_core.lora import add_lora, lora_digest, lora_state_dict, save_lora, trigger_phrase, write_model_card
 from ddiff_core.profiling import NullProfiler, peak_memory_mb
+from ddiff_core.validation import ValidationRunner
 
 logger = logging.getLogger(__name__)
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM/SIGINT: the current step finished and a checkpoint was written."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class NonFiniteLoss(RuntimeError):
+    """A NaN or infinite loss; nothing was stepped or written with it."""
 
 
 class TrainingRNG:
@@ -88,6 +104,8 @@ class LoraTrainer:
         cfg = self.config
         self.family = resolve_family(cfg.pretrained_model_name_or_path, cfg.model_family)
         self.family.check_resolution(cfg.resolution)
+        if cfg.resume_from_checkpoint and cfg.resume_from_checkpoint != "latest":
+            verify_checkpoint(Path(cfg.resume_from_checkpoint))  # a named checkpoint must be whole: fail now
         if cfg.optimizer == "prodigy":
             build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)  # fails fast when prodigyopt is missing
         records, self.hf_dataset = load_records(cfg)
@@ -140,9 +158,8 @@ class LoraTrainer:
             seed=seed, repeats=cfg.repeats, dataset=self.hf_dataset, image_column=cfg.image_column,
             with_pixels=not cfg.cache_latents,
         )
-        self.features = self._build_features(device)
-
         denoiser = self.components[self.family.denoiser_name]
+        self.features = self._build_features(device, denoiser)
         self.lora_config = add_lora(denoiser, self.family, rank=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                     lora_layers=cfg.lora_layers)
         if cfg.gradient_checkpointing:
@@ -158,6 +175,9 @@ class LoraTrainer:
         self.dataloader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=workers,
             pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+            # Its own generator: creating an iterator each epoch must not draw from the global RNG (dropout's),
+            # or a run resumed mid-epoch would see different dropout masks.
+            generator=torch.Generator().manual_seed(seed),
         )
         self.batches_per_epoch = self.sampler.batches_per_replica()
         self.updates_per_epoch = math.ceil(self.batches_per_epoch / cfg.gradient_accumulation_steps)
@@ -180,12 +200,34 @@ class LoraTrainer:
             num_training_steps=self.max_train_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power,
         )
         self.rng = TrainingRNG(device, seed + acc.process_index)  # different noise on every process
+        acc.register_for_checkpointing(self.lr_scheduler)
+        self.checkpointer = Checkpointer(acc, self.output_dir, total_limit=cfg.checkpoints_total_limit)
+        if cfg.resume_from_checkpoint:
+            self._resume()
         if acc.is_main_process:
             flat = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
             acc.init_trackers("ddiff", config=flat)
         return self
 
-    def _build_features(self, device) -> TrainingFeatures:
+    def _resume(self) -> None:
+        cfg = self.config
+        path = cfg.resume_from_checkpoint
+        path = latest_checkpoint(self.output_dir) if path == "latest" else Path(path)
+        if path is None:
+            logger.warning("no complete checkpoint in %s; starting a new run", self.output_dir)
+            return
+        self.global_step, rng_state = self.checkpointer.load(path)
+        self.rng.load_state_dict(rng_state)
+        if self.accelerator.is_main_process and self.metrics_file.exists():
+            # Steps logged after the checkpoint by the interrupted run are trained again: drop them.
+            kept = [line for line in self.metrics_file.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= self.global_step]
+            tmp = self.metrics_file.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.metrics_file)
+        logger.info("resumed from %s at step %d", path, self.global_step)
+
+    def _build_features(self, device, denoiser) -> TrainingFeatures:
         cfg, family, acc = self.config, self.family, self.accelerator
         cache_dir = Path(cfg.feature_cache_dir or self.output_dir / "cache")
         model = model_description(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
@@ -205,8 +247,17 @@ class LoraTrainer:
                                    "captions": captions, "max_sequence_length": cfg.max_sequence_length})
                 text_cache = build_text_cache(family, self.components, captions, cache_dir / f"text-{key}.safetensors",
                                               key, device=device, max_sequence_length=cfg.max_sequence_length, show_progress=show)
+        self.validator = None
+        if cfg.validation_prompts and acc.is_main_process:
+            # Assembled now, while the text encoders are still loaded; it keeps the VAE for decoding.
+            self.validator = ValidationRunner(
+                family, self.components, denoiser, cfg.validation_prompts, num_images=cfg.num_validation_images,
+                seed=self.seed, resolution=cfg.resolution, num_inference_steps=cfg.validation_inference_steps,
+                guidance_scale=cfg.validation_guidance_scale, max_sequence_length=cfg.max_sequence_length,
+                output_dir=self.output_dir, device=device, dtype=self.weight_dtype,
+            )
         # Free what the caches cover: the training step never touches these again.
-        if latent_cache is not None:
+        if latent_cache is not None and not cfg.validation_prompts:
             self.components["vae"] = None
         if text_cache is not None:
             for name in family.text_encoder_names:
@@ -229,11 +280,26 @@ class LoraTrainer:
         start_epoch = self.global_step // self.updates_per_epoch
         resume_batches = (self.global_step % self.updates_per_epoch) * ga
         self.denoiser.train()
+        self._stop_signal = 0
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self._loop(progress, start_epoch, resume_batches)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            progress.close()
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum  # acted on after the current optimizer step
+
+    def _loop(self, progress, start_epoch: int, resume_batches: int) -> None:
+        cfg, acc = self.config, self.accelerator
+        ga = cfg.gradient_accumulation_steps
         with self.profiler as profiler:
             for epoch in range(start_epoch, self.num_epochs):
                 self.sampler.set_epoch(epoch, skip_batches=resume_batches if epoch == start_epoch else 0)
                 position = self.sampler.skip
-                group_losses, step_start = [], time.perf_counter()
+                group_losses, group_indices, step_start = [], [], time.perf_counter()
                 for batch in self.dataloader:
                     group_start = position - position % ga
                     group_len = min(ga, self.batches_per_epoch - group_start)
@@ -246,8 +312,12 @@ class LoraTrainer:
                                                 self.rng.generator, cfg, self.weight_dtype)
                         acc.backward(loss / group_len)
                     group_losses.append(loss.detach())
+                    group_indices += batch["indices"].tolist()
                     if not last_in_group:
                         continue
+                    step_loss = acc.reduce(torch.stack(group_losses).mean(), reduction="mean").item()
+                    if not math.isfinite(step_loss):
+                        self._non_finite(step_loss, group_indices)
                     if cfg.max_grad_norm > 0:
                         acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
                     self.optimizer.step()
@@ -255,17 +325,45 @@ class LoraTrainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     self.global_step += 1
                     profiler.step()
-                    step_loss = acc.reduce(torch.stack(group_losses).mean(), reduction="mean").item()
                     seconds = time.perf_counter() - step_start
                     self._log_step(step_loss, seconds, group_len * cfg.train_batch_size * acc.num_processes)
                     progress.update(1)
                     progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
-                    group_losses, step_start = [], time.perf_counter()
+                    self._after_step()
+                    group_losses, group_indices, step_start = [], [], time.perf_counter()
                     if self.global_step >= self.max_train_steps:
                         break
                 if self.global_step >= self.max_train_steps:
                     break
-        progress.close()
+                if not cfg.validation_steps and (epoch + 1) % cfg.validation_epochs == 0:
+                    self.validate()
+
+    def _after_step(self) -> None:
+        """Checkpoint, validation and stop requests, at an optimizer-step boundary."""
+        cfg, acc = self.config, self.accelerator
+        stop = self._stop_signal
+        if acc.num_processes > 1:  # every process must agree to stop at the same step
+            stop = int(acc.reduce(torch.tensor(stop, device=acc.device), reduction="sum").item())
+        if stop or self.global_step % cfg.checkpointing_steps == 0:
+            self.checkpointer.save(self.global_step, self.rng.state_dict(), self.params)
+        if cfg.validation_steps and self.global_step % cfg.validation_steps == 0:
+            self.validate()
+        if stop:
+            signum = self._stop_signal or signal.SIGTERM
+            raise TrainingInterrupted(
+                f"stopped by {signal.Signals(signum).name} after step {self.global_step}; checkpoint written. Resume with "
+                f"the same command plus --resume_from_checkpoint latest", signum)
+
+    def _non_finite(self, loss: float, indices: list[int]) -> None:
+        names = sorted({name for part in gather_object([[self.records[i].name for i in indices]]) for name in part})
+        raise NonFiniteLoss(f"non-finite loss ({loss}) at step {self.global_step + 1}; stopped before the optimizer "
+                            f"step; no checkpoint holds it. Files in that batch: {', '.join(names)}")
+
+    def validate(self) -> None:
+        """Validation images on the main process; the others wait."""
+        if self.validator is not None:
+            self.validator.run(self.global_step, self.accelerator.trackers)
+        self.accelerator.wait_for_everyone()
 
     def _log_step(self, loss: float, seconds: float, samples: int) -> None:
         record = {"step": self.global_step, "loss": loss, "lr": self.lr_scheduler.get_last_lr()[0],
@@ -291,6 +389,8 @@ class LoraTrainer:
                    "peak_memory_mb": peak_memory_mb(acc.device)}
         (self.output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         weights = save_lora(self.output_dir, self.family, denoiser, self.lora_config)
+        if self.validator is not None:
+            self.validator.final_comparison()
         trigger = trigger_phrase([r.caption for r in self.records], cfg.instance_prompt)
         write_model_card(self.output_dir, family=self.family, base_model=cfg.pretrained_model_name_or_path, trigger=trigger,
                          config_dict=cfg.to_dict(), lora_config=self.lora_config, global_step=self.global_step)

@@ -5,26 +5,35 @@
         --resolution 64 --train_batch_size 2 --max_train_steps 20 --output_dir outputs/demo-lora
 
 Flags follow diffusers' examples/dreambooth/train_dreambooth_lora_flux.py; --config FILE.yaml holds the same keys.
+Exit codes: 0 done, 2 bad input, 3 non-finite loss, 128+N stopped by signal N (a checkpoint was written).
 """
 
 import logging
 import sys
 
+from ddiff_core.checkpoint import CheckpointError
 from ddiff_core.config import ConfigError, parse_config
 from ddiff_core.data import DataError
 from ddiff_core.families import UnknownModelError
-from ddiff_core.trainer import LoraTrainer
+from ddiff_core.trainer import LoraTrainer, NonFiniteLoss, TrainingInterrupted
 
 
 def main(argv=None) -> int:
     try:
         config = parse_config(argv, description=__doc__.splitlines()[0])
         trainer = LoraTrainer(config)
-        trainer.setup()  # checks data, family and resolution before loading any model
-    except (ConfigError, DataError, UnknownModelError, ValueError) as err:
+        trainer.setup()  # checks data, family, resolution and any named checkpoint before loading a model
+    except (ConfigError, DataError, UnknownModelError, CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    trainer.train()
+    try:
+        trainer.train()
+    except TrainingInterrupted as stop:
+        print(f"{stop}", file=sys.stderr)
+        return stop.exit_code
+    except NonFiniteLoss as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     trainer.save()
     trainer.cleanup()
     if trainer.accelerator.is_main_process:

@@ -31,9 +31,8 @@ def train_args(model: Path, output_dir: Path, *extra: str, data: Path = DEMO_DAT
     ]
 
 
-def run_script(script: str, args: list[str], *, processes: int = 0, env: dict | None = None, check: bool = True,
-               timeout: float = 300) -> subprocess.CompletedProcess:
-    """Runs ``scripts/<script>``: plainly (processes=0) or under ``accelerate launch`` with 1 or 2 CPU processes."""
+def script_command(script: str, args: list[str], *, processes: int = 0, env: dict | None = None) -> tuple[list, dict]:
+    """The command line for ``scripts/<script>``: plain (processes=0) or ``accelerate launch`` on 1 or 2 CPU processes."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     script_path = str(REPO / "scripts" / script)
     if processes == 0:
@@ -45,10 +44,41 @@ def run_script(script: str, args: list[str], *, processes: int = 0, env: dict | 
                str(REPO / "accelerate_configs" / config), script_path, *args]
         if processes == 2:  # a free port per run, so parallel or back-to-back runs never collide
             cmd[3:3] = ["--main_process_port", str(_free_port())]
+    return cmd, full_env
+
+
+def start_script(script: str, args: list[str], *, processes: int = 0) -> subprocess.Popen:
+    """Starts the script in its own process group (so a test can signal or kill every process of it)."""
+    cmd, env = script_command(script, args, processes=processes)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def run_script(script: str, args: list[str], *, processes: int = 0, env: dict | None = None, check: bool = True,
+               timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs ``scripts/<script>`` to the end; raises with its output when it fails and ``check`` is set."""
+    cmd, full_env = script_command(script, args, processes=processes, env=env)
     result = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+def kill_tree(pid: int, sig: int = 9) -> None:
+    """Signals a process and all its descendants. torchrun starts each worker in a session of its own,
+    so signalling the launcher's process group would leave the workers running."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        family = parent.children(recursive=True) + [parent]
+    except psutil.NoSuchProcess:
+        return
+    for proc in family:
+        try:
+            proc.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
 
 
 def _free_port() -> int:

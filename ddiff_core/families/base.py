@@ -81,6 +81,10 @@ class ModelFamily(ABC):
         raw = self.latent_norm(vae.config).denormalize(latents.to(vae.device, vae.dtype))
         return (vae.decode(raw, return_dict=False)[0] / 2 + 0.5).clamp(0, 1)
 
+    def decode_pipeline_latents(self, pipeline, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """What a pipeline returns for ``output_type="latent"`` -> pixels in [0, 1]."""
+        return self.decode_latents(pipeline.vae, latents)
+
     # -- text ------------------------------------------------------------------------------
     @abstractmethod
     def encode_prompts(

@@ -84,6 +84,12 @@ class FluxFamily(ModelFamily):
         pred = FluxPipeline._unpack_latents(pred, height, width, 1)
         return flow_matching_loss(pred, latents, noise, sigmas, config.weighting_scheme)
 
+    def decode_pipeline_latents(self, pipeline, latents, height, width):
+        from diffusers import FluxPipeline
+
+        latents = FluxPipeline._unpack_latents(latents, height, width, pipeline.vae_scale_factor)
+        return self.decode_latents(pipeline.vae, latents)
+
     def prepare_training(self, components: dict[str, Any]) -> None:
         """Builds the timestep grid from the scheduler config (once per run)."""
         self._sampler = FlowMatchingSampler(components["scheduler"].config)
