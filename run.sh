@@ -2,6 +2,7 @@
 # ddiff's two entry points; each does all the set-up it needs on a fresh machine (Python 3.10+).
 #   ./run.sh demo   build the tiny FLUX, train the demo LoRA on data/demo, print where the outputs are
 #   ./run.sh test   run the test suite (offline)
+#   ./run.sh bench  run the benchmark suite on the small model (CPU) and regenerate benchmarks/RESULTS.md
 #   ./run.sh setup  only create .venv and install ddiff with its dev extras
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -33,5 +34,13 @@ case "${1:-}" in
     shift
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 "$PY" -m pytest "$@"
     ;;
-  *) sed -n '2,6p' "$0"; exit 2 ;;
+  bench)
+    setup
+    shift
+    mkdir -p benchmarks/results
+    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 "$PY" -m pytest benchmarks/test_fixes.py -p no:cacheprovider --model-size small \
+      --benchmark-json benchmarks/results/small-cpu.json "$@"
+    "$PY" -m benchmarks.report benchmarks/results/*.json --output benchmarks/RESULTS.md
+    ;;
+  *) sed -n '2,7p' "$0"; exit 2 ;;
 esac

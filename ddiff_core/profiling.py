@@ -41,7 +41,17 @@ def step_profiler(trace_dir: str | Path, *, wait: int = 1, warmup: int = 1, acti
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """This process's peak resident memory in MiB.
+
+    On Linux, VmHWM from /proc: it starts afresh at exec. ``ru_maxrss`` does not: it keeps the peak of the process
+    that forked this one, so a small process started from a large one would report the large one's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 

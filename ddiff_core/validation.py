@@ -7,7 +7,6 @@ adapter, RNG) is exactly as it was afterwards.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 from pathlib import Path
@@ -86,12 +85,7 @@ class ValidationRunner:
                 if not lora:
                     self.denoiser.enable_adapters()
                 self.denoiser.train(was_training)
-        images = _to_pil(pixels)
-        del pixels
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        return images
+        return _to_pil(pixels)
 
     def _call(self, embeds: dict, seeds: list[int]) -> torch.Tensor:
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]

@@ -6,13 +6,11 @@ Importing this module imports no model code.
 
 from __future__ import annotations
 
-import importlib
 import json
-from functools import cache
-from importlib.metadata import entry_points
 from pathlib import Path
 
 from ddiff_core.families.base import ModelFamily
+from ddiff_core.registry import Registry
 
 ENTRY_POINT_GROUP = "ddiff.families"
 
@@ -28,36 +26,23 @@ class UnknownModelError(ValueError):
     """The model folder is not a pipeline of any registered family."""
 
 
-@cache
-def _registry() -> dict[str, str]:
-    registry = dict(BUILTIN_FAMILIES)
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in registry:
-            raise ValueError(f"model family {ep.name!r} is registered twice ({registry[ep.name]} and {ep.value})")
-        registry[ep.name] = ep.value
-    return registry
+REGISTRY = Registry("model family", ENTRY_POINT_GROUP, BUILTIN_FAMILIES)
 
 
 def available_families() -> list[str]:
     """Names of every registered family, built-in and from entry points."""
-    return sorted(_registry())
+    return REGISTRY.names()
 
 
-@cache
 def get_family(name: str) -> ModelFamily:
-    """Imports and instantiates the family registered as ``name``.
+    """The (shared) instance of the family registered as ``name``.
 
     Raises:
-        ValueError: ``name`` is not registered.
+        ValueError: ``name`` is not registered, or what it names is not a ModelFamily.
     """
-    registry = _registry()
-    if name not in registry:
-        raise ValueError(f"unknown model family {name!r}; known: {', '.join(sorted(registry))}")
-    module_name, _, attr = registry[name].partition(":")
-    family_cls = getattr(importlib.import_module(module_name), attr)
-    family = family_cls()
+    family = REGISTRY.instance(name)
     if not isinstance(family, ModelFamily):
-        raise TypeError(f"{registry[name]} is not a ModelFamily")
+        raise TypeError(f"{REGISTRY.paths[name]} is not a ModelFamily")
     return family
 
 

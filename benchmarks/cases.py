@@ -1,0 +1,377 @@
+"""Benchmark cases: for each fix, a "before" and an "after" callable built by ``CASES[name](env, variant)``.
+
+Each variant is set up on its own, so a fresh process can build exactly one and report its peak memory:
+
+    python -m benchmarks.cases vae_scaling before --size small --device cpu --dtype fp32 --repeat 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from benchmarks.baselines import director_diffusion as before
+from ddiff_core.caching import FeatureCache, TrainingFeatures
+from ddiff_core.data import ImageCaptionDataset, collate, load_records
+from ddiff_core.families import get_family
+from ddiff_core.lora import add_lora, save_lora, write_model_card
+from ddiff_core.trainer import compute_loss
+from ddiff_core.validation import ValidationRunner
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = REPO / "benchmarks" / ".models"
+DEMO = REPO / "data" / "demo"
+RESOLUTION = {"tiny": 64, "small": 128}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LOSS_SETTINGS = SimpleNamespace(weighting_scheme="none", logit_mean=0.0, logit_std=1.0, mode_scale=1.29, guidance_scale=3.5)
+
+
+@dataclass(frozen=True)
+class Env:
+    size: str = "tiny"
+    device: str = "cpu"
+    dtype: str = "fp32"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def resolution(self) -> int:
+        return RESOLUTION[self.size]
+
+
+def sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def model_dir(size: str) -> Path:
+    """The random-weight FLUX of this size, built once and kept in benchmarks/.models (atomically)."""
+    path = MODELS / f"flux-{size}"
+    if not (path / "model_index.json").exists():
+        from ddiff_core.tiny import save_tiny_pipeline
+
+        MODELS.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=MODELS))
+        save_tiny_pipeline("flux", tmp / "m", size, seed=0)
+        try:
+            os.replace(tmp / "m", path)
+        except OSError:  # another process won the race
+            pass
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _components(env: Env, dtype: torch.dtype | None = None):
+    family = get_family("flux")
+    components = family.load_components(str(model_dir(env.size)), dtype=dtype or env.torch_dtype)
+    for module in components.values():
+        if isinstance(module, torch.nn.Module):
+            module.to(env.device)
+    family.prepare_training(components)
+    return family, components
+
+
+# -- training-step cases -------------------------------------------------------------------------
+def _training(env: Env, *, gradient_checkpointing: bool = False, weight_dtype: torch.dtype | None = None,
+              cached: bool = True):
+    weight_dtype = weight_dtype or env.torch_dtype
+    family, comps = _components(env, weight_dtype)
+    denoiser = comps["transformer"]
+    torch.manual_seed(0)
+    add_lora(denoiser, family, rank=16, alpha=16, dropout=0.0, lora_layers=None)
+    if gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    denoiser.train()
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    records, _ = load_records(SimpleNamespace(instance_data_dir=str(DEMO), dataset_name=None, caption_column=None,
+                                              instance_prompt=None))
+    dataset = ImageCaptionDataset(records, resolution=env.resolution, center_crop=True, with_pixels=not cached)
+    indices = [0, 1]
+    features = TrainingFeatures(family, comps, device=env.device, max_sequence_length=64)
+    if cached:  # what the caches hold: one VAE distribution and one embedding per record
+        pixels = torch.stack([dataset.pixels(i) for i in indices])
+        latent = FeatureCache({"latent_dist": family.encode_images(comps["vae"], pixels).float()})
+        text = FeatureCache({k: v for k, v in family.encode_prompts(
+            comps, [records[i].caption for i in indices], device=env.device, max_sequence_length=64).items()})
+        features = TrainingFeatures(family, comps, device=env.device, max_sequence_length=64,
+                                    latent_cache=latent, text_cache=text)
+    generator = torch.Generator(env.device).manual_seed(0)
+    autocast = torch.autocast(torch.device(env.device).type, weight_dtype, enabled=weight_dtype != torch.float32)
+    return SimpleNamespace(family=family, comps=comps, denoiser=denoiser, optimizer=optimizer, dataset=dataset,
+                           features=features, generator=generator, autocast=autocast, weight_dtype=weight_dtype,
+                           latent_norm=family.latent_norm(comps["vae"].config), indices=indices)
+
+
+def _step(t, loss_fn) -> None:
+    t.optimizer.zero_grad(set_to_none=True)
+    with t.autocast:
+        loss = loss_fn()
+    loss.backward()
+    t.optimizer.step()
+
+
+def _ddiff_step(t):
+    def step():
+        batch = collate([t.dataset[i] for i in t.indices])  # cached: no decoding; uncached: decode from disk
+        _step(t, lambda: compute_loss(t.family, t.denoiser, t.features, t.latent_norm, batch, t.generator,
+                                      LOSS_SETTINGS, t.weight_dtype))
+    return step
+
+
+def vae_scaling(env: Env, variant: str):
+    """Fix 1: the VAE shift/scale inline (director-diffusion) vs ddiff's one LatentNorm, in a whole training step."""
+    t = _training(env)
+    if variant == "after":
+        return _ddiff_step(t)
+    batch = collate([t.dataset[i] for i in t.indices])
+
+    def step():
+        _step(t, lambda: before.compute_loss_inline_scaling(
+            t.family, t.denoiser, t.comps["vae"], t.features.latent_params(batch), t.features.text_embeds(batch),
+            t.generator, LOSS_SETTINGS, t.weight_dtype))
+    return step
+
+
+def feature_caches(env: Env, variant: str):
+    """Latent and text-embedding caches off (decode + VAE + text encoders every step) vs on."""
+    return _ddiff_step(_training(env, cached=variant == "after"))
+
+
+def gradient_checkpointing(env: Env, variant: str):
+    """Activation memory traded for recomputation: off vs on."""
+    return _ddiff_step(_training(env, gradient_checkpointing=variant == "after"))
+
+
+def mixed_precision(env: Env, variant: str):
+    """Frozen weights in fp32 vs bf16 (LoRA in fp32, autocast)."""
+    return _ddiff_step(_training(env, weight_dtype=torch.float32 if variant == "before" else torch.bfloat16))
+
+
+# -- validation cases ----------------------------------------------------------------------------
+def _validation(env: Env):
+    family, comps = _components(env)
+    denoiser = comps["transformer"]
+    torch.manual_seed(0)
+    add_lora(denoiser, family, rank=16, alpha=16, dropout=0.0, lora_layers=None)
+    runner = ValidationRunner(family, comps, denoiser, ["<demo-style> a cat on a table"], num_images=4, seed=0,
+                              resolution=env.resolution, num_inference_steps=4, guidance_scale=3.5,
+                              max_sequence_length=64, output_dir=Path(tempfile.mkdtemp()), device=env.device,
+                              dtype=env.torch_dtype)
+    return family, denoiser, runner
+
+
+def validation_reload(env: Env, variant: str):
+    """Fix 2: a pipeline from_pretrained at every validation vs one assembled once from memory (4 images, batched)."""
+    family, denoiser, runner = _validation(env)
+    if variant == "after":
+        return lambda: runner.generate()
+    return lambda: before.validation_with_reload(family.pipeline_class, model_dir(env.size), denoiser, runner.embeds,
+                                                 runner.seeds, env.resolution, 4, env.torch_dtype)
+
+
+def validation_batching(env: Env, variant: str):
+    """Fix 6: 4 validation images one call each vs one batched call (same seeds, same images)."""
+    _, _, runner = _validation(env)
+    if variant == "after":
+        return lambda: runner.generate()
+    return lambda: before.validation_one_by_one(runner.pipeline, runner.embeds, runner.seeds, env.resolution, 4)
+
+
+# -- serving cases -------------------------------------------------------------------------------
+def lora_dir(env: Env, count: int = 3) -> Path:
+    """``count`` random LoRAs (non-zero B) in ddiff's output layout, built once."""
+    root = MODELS / f"loras-{env.size}"
+    if len(list(root.glob("*/pytorch_lora_weights.safetensors"))) >= count:
+        return root
+    family, comps = _components(Env(env.size, "cpu", "fp32"))
+    denoiser = comps["transformer"]
+    for i, name in enumerate(["anderson-style", "nolan-style", "villeneuve-style"][:count]):
+        torch.manual_seed(i)
+        config = add_lora(denoiser, family, rank=16, alpha=16, dropout=0.0, lora_layers=None)
+        with torch.no_grad():
+            for n, p in denoiser.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02)
+        save_lora(root / name, family, denoiser, config)
+        write_model_card(root / name, family=family, base_model="tiny", trigger=f"<{name}>", config_dict={},
+                         lora_config=config, global_step=0)
+        denoiser.delete_adapters("default")
+    return root
+
+
+def serving(env: Env, variant: str):
+    """Fix 3: a base pipeline plus one pipeline per LoRA vs one pipeline holding the LoRAs as named adapters.
+    Timed: switching base -> LoRA -> base and generating one image each time."""
+    from ddiff_core.serving.adapters import AdapterBank, LoraCatalog
+
+    family = get_family("flux")
+    loras = lora_dir(env)
+    names = [p.name for p in sorted(loras.iterdir())]
+    kwargs = dict(prompt="a street at night", height=env.resolution, width=env.resolution, num_inference_steps=2,
+                  max_sequence_length=64, output_type="pt")
+    if variant == "before":
+        server = before.TwoPipelineServer(family.pipeline_class, model_dir(env.size), {n: loras / n for n in names},
+                                          env.torch_dtype)
+        for pipe in [server.base, *server.styled.values()]:
+            pipe.to(env.device)
+
+        def request():
+            for name in (None, names[0], None):
+                server.pipeline_for(name)(**kwargs, generator=torch.Generator().manual_seed(0))
+        return request
+    pipe = family.pipeline_class.from_pretrained(model_dir(env.size), dtype=env.torch_dtype).to(env.device)
+    pipe.set_progress_bar_config(disable=True)
+    bank = AdapterBank(pipe, LoraCatalog(loras))
+
+    def request():
+        for name in (None, names[0], None):
+            with bank.lock:
+                bank.select(name)
+                pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+    return request
+
+
+def lora_switch(env: Env, variant: str):
+    """Fix 3, switch cost alone: picking another pipeline (before) vs set_adapters/disable_lora on one (after)."""
+    from ddiff_core.serving.adapters import AdapterBank, LoraCatalog
+
+    loras = lora_dir(env)
+    names = [p.name for p in sorted(loras.iterdir())]
+    if variant == "before":
+        server = before.TwoPipelineServer(get_family("flux").pipeline_class, model_dir(env.size),
+                                          {n: loras / n for n in names}, env.torch_dtype)
+        return lambda: [server.pipeline_for(n) for n in (names[0], names[1], None)]
+    pipe = get_family("flux").pipeline_class.from_pretrained(model_dir(env.size), dtype=env.torch_dtype)
+    bank = AdapterBank(pipe, LoraCatalog(loras))
+    return lambda: [bank.select(n) for n in (names[0], names[1], None)]
+
+
+def lora_list(env: Env, variant: str):
+    """Fix 5: building the page asks for the LoRA list 3 times: a folder scan each time vs the cached catalog."""
+    from ddiff_core.serving.adapters import LoraCatalog
+
+    loras = lora_dir(env)
+    if variant == "before":
+        return lambda: [before.get_lora_options(loras) for _ in range(3)]
+    catalog = LoraCatalog(loras)
+    return lambda: [[i.name for i in catalog.list()] for _ in range(3)]
+
+
+def list_building(env: Env, variant: str):
+    """Fix 4: dataset items, caption samples and UI options built with append loops vs comprehensions (10k each)."""
+    lines = [json.dumps({"file_name": f"still_{i:05d}.jpg", "text": f"<nolan-style> still {i}"}) for i in range(10_000)]
+    files = [f"still_{i:05d}.jpg" for i in range(10_000)]
+    loras = [f"director-{i}-style" for i in range(10_000)]
+    if variant == "before":
+        return lambda: (before.build_items_with_appends(lines), before.caption_samples_with_appends(files, "<t>"),
+                        before.ui_options_with_appends(loras))
+
+    def after():
+        rows = [json.loads(line) for line in lines]
+        items = [{"file_name": r["file_name"], "text": r["text"]} for r in rows]
+        samples = [{"file_name": f, "text": f"<t> {Path(f).stem}, in <t> style"} for f in files]
+        options = [(n.replace("-", " ").title(), n) for n in loras]
+        return items, samples, options
+    return after
+
+
+def dataloader(env: Env, variant: str):
+    """DataLoader prefetching: one epoch of decoded images (48 items, batch 4), 0 workers vs 2 persistent workers
+    with prefetch (and pinned memory on CUDA)."""
+    records, _ = load_records(SimpleNamespace(instance_data_dir=str(DEMO), dataset_name=None, caption_column=None,
+                                              instance_prompt=None))
+    dataset = ImageCaptionDataset(records, resolution=env.resolution, repeats=4)
+    cuda = torch.device(env.device).type == "cuda"
+    if variant == "before":
+        loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=collate)
+    else:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=collate, num_workers=2,
+                                             persistent_workers=True, prefetch_factor=4, pin_memory=cuda)
+
+    def epoch():
+        for batch in loader:
+            batch["pixels"].to(env.device, non_blocking=True)
+    return epoch
+
+
+def ddp_no_sync(env: Env, variant: str):
+    """Gradient accumulation (4 micro-batches) under 2-process DDP: all-reduce every micro-batch vs only the last
+    (no_sync). Runs benchmarks/ddp_accumulation.py under accelerate; its own per-step median is in extra_info."""
+    config = "cpu_ddp.yaml" if torch.device(env.device).type == "cpu" else "ddp.yaml"
+    env_vars = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    if config == "cpu_ddp.yaml":
+        env_vars["ACCELERATE_USE_CPU"] = "1"
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / config),
+           "--main_process_port", str(port), str(REPO / "benchmarks" / "ddp_accumulation.py"), "--size", env.size,
+           "--mode", "sync_every_step" if variant == "before" else "no_sync"]
+
+    def run():
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env_vars, cwd=REPO, timeout=600)
+        if result.returncode != 0:
+            raise RuntimeError(f"ddp_accumulation failed:\n{result.stderr[-3000:]}")
+        return json.loads(result.stdout.strip().splitlines()[-1])
+    return run
+
+
+CASES = {
+    "vae_scaling": vae_scaling,
+    "validation_reload": validation_reload,
+    "serving": serving,
+    "lora_switch": lora_switch,
+    "list_building": list_building,
+    "lora_list": lora_list,
+    "validation_batching": validation_batching,
+    "feature_caches": feature_caches,
+    "gradient_checkpointing": gradient_checkpointing,
+    "mixed_precision": mixed_precision,
+    "dataloader": dataloader,
+    "ddp_no_sync": ddp_no_sync,
+}
+
+
+def main() -> None:
+    """Builds one variant in this fresh process, runs it, prints peak RSS and RSS growth (JSON)."""
+    import psutil
+
+    from ddiff_core.profiling import peak_rss_mb
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("case", choices=sorted(CASES))
+    parser.add_argument("variant", choices=["before", "after"])
+    parser.add_argument("--size", default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    fn = CASES[args.case](Env(args.size, args.device, args.dtype), args.variant)
+    process = psutil.Process()
+    fn()
+    after_first = process.memory_info().rss
+    for _ in range(args.repeat - 1):
+        fn()
+    growth = (process.memory_info().rss - after_first) / 2**20
+    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "rss_growth_mb": growth, "calls": args.repeat}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""Benchmark options: --device, --dtype, --model-size (tiny | small | full)."""
+
+import os
+
+import pytest
+
+from benchmarks.cases import Env
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", help="cpu or cuda")
+    parser.addoption("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights dtype of the measured models")
+    parser.addoption("--model-size", default="small", choices=["tiny", "small", "full"],
+                     help="tiny/small: random FLUX built locally; full: FLUX.1-dev's transformer shape on a GPU")
+
+
+@pytest.fixture(scope="session")
+def bench_env(request) -> Env:
+    size = request.config.getoption("--model-size")
+    return Env(size, request.config.getoption("--device"), request.config.getoption("--dtype"))
+
+
+@pytest.fixture(scope="session")
+def timing_enabled(request) -> bool:
+    return not request.config.getoption("benchmark_disable", default=False)

@@ -1,0 +1,20 @@
+"""The profile command runs the real training loop and writes a trace TensorBoard and Perfetto open."""
+
+import gzip
+import json
+import subprocess
+import sys
+
+from benchmarks.cases import REPO
+
+
+def test_profile_command_writes_a_trace(tmp_path, bench_env):
+    size = "tiny" if bench_env.size == "full" else bench_env.size
+    result = subprocess.run([sys.executable, "-m", "benchmarks.profile_training", "--size", size, "--steps", "1",
+                             "--trace_dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Self CPU time total" in result.stdout  # the key_averages table
+    traces = list(tmp_path.glob("rank0.*.pt.trace.json.gz"))
+    assert len(traces) == 1
+    events = json.loads(gzip.decompress(traces[0].read_bytes()))["traceEvents"]
+    assert any(e.get("name") == "ProfilerStep#2" for e in events)  # wait 1, warm-up 1, then the recorded step
