@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ddiff's two entry points; each does all the set-up it needs on a fresh machine (Python 3.10+).
 #   ./run.sh demo   build the tiny FLUX, train the demo LoRA on data/demo, print where the outputs are
-#   ./run.sh test   run the test suite (offline)
+#   ./run.sh test   run the test suite (offline; installs Debian's chromium for the browser test when root)
+#   ./run.sh serve  the base-vs-LoRA web page on 127.0.0.1:7860 (after ./run.sh demo)
 #   ./run.sh bench  run the benchmark suite on the small model (CPU) and regenerate benchmarks/RESULTS.md
 #   ./run.sh setup  only create .venv and install ddiff with its dev extras
 set -euo pipefail
@@ -31,8 +32,18 @@ case "${1:-}" in
     ;;
   test)
     setup
+    # The browser test drives Debian's chromium (a test tool's own browser download does not work offline).
+    if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+        || echo "note: could not install chromium; the browser test will be skipped" >&2
+    fi
     shift
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 "$PY" -m pytest "$@"
+    ;;
+  serve)
+    setup
+    shift
+    HF_HUB_OFFLINE=1 "$PY" scripts/serve.py "$@"
     ;;
   bench)
     setup
@@ -42,5 +53,5 @@ case "${1:-}" in
       --benchmark-json benchmarks/results/small-cpu.json "$@"
     "$PY" -m benchmarks.report benchmarks/results/*.json --output benchmarks/RESULTS.md
     ;;
-  *) sed -n '2,7p' "$0"; exit 2 ;;
+  *) sed -n '2,8p' "$0"; exit 2 ;;
 esac
