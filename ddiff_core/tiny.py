@@ -1,6 +1,7 @@
 """Builds tiny random-weight pipelines of any registered family, offline.
 
     python -m ddiff_core.tiny --family flux --output_dir models/tiny-flux [--size tiny|small] [--seed 0]
+    python -m ddiff_core.tiny --captioner --output_dir models/tiny-vlm     # a tiny vision-language captioner
 """
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--size", default="tiny", choices=["tiny", "small"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--captioner", action="store_true", help="build the tiny vision-language captioner instead")
     args = parser.parse_args(argv)
+    if args.captioner:
+        from ddiff_core.captioning.vlm import VisionLanguageCaptioner
+
+        print(f"saved a random-weight captioner to {VisionLanguageCaptioner.build_tiny(args.output_dir, args.seed)}")
+        return 0
     path = save_tiny_pipeline(args.family, args.output_dir, args.size, args.seed)
     print(f"saved a {args.size} random-weight {args.family} pipeline to {path}")
     return 0

@@ -27,3 +27,34 @@ def build_t5_tokenizer(max_length: int = 512) -> T5TokenizerFast:
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     pieces += [(c, -3.0) for c in _CHARS] + [("\u2581" + c, -2.5) for c in _CHARS]
     return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>", "<image>"]
+
+
+def chat_template(image_placeholder: str) -> str:
+    """A ChatML template (Qwen's layout) that writes ``image_placeholder`` where a message holds an image."""
+    return (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for part in message['content'] %}{% if part['type'] == 'image' %}" + image_placeholder +
+        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+def build_qwen_tokenizer():
+    """A byte-level BPE tokenizer with Qwen2-VL's special tokens (256 byte symbols, a few merges)."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2TokenizerFast
+
+    symbols = sorted(ByteLevel.alphabet())
+    vocab = {s: i for i, s in enumerate(symbols)}
+    merges = [("t", "h"), ("th", "e"), ("Ġ", "t"), ("i", "n")]
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    tokenizer = Qwen2TokenizerFast(vocab=vocab, merges=merges, unk_token=None, bos_token=None,
+                                   eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL})
+    return tokenizer
