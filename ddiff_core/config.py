@@ -55,6 +55,8 @@ class TrainConfig:
     lora_alpha: int = _opt(4, "LoRA alpha.")
     lora_dropout: float = _opt(0.0, "LoRA dropout.")
     lora_layers: str | None = _opt(None, "A preset name or comma-separated module names to adapt.")
+    lora_format: str = _opt("diffusers", "'kohya' also writes pytorch_lora_weights_kohya.safetensors (SD1.5/SDXL).",
+                            ("diffusers", "kohya"))
     # -- optimisation ------------------------------------------------------------------------
     train_batch_size: int = _opt(4, "Batch size per device.")
     num_train_epochs: int = _opt(1, "Epochs (ignored when --max_train_steps is set).")
@@ -86,6 +88,10 @@ class TrainConfig:
     logit_mean: float = _opt(0.0, "Mean for logit_normal.")
     logit_std: float = _opt(1.0, "Std for logit_normal.")
     mode_scale: float = _opt(1.29, "Scale for the mode weighting scheme.")
+    # -- epsilon / v-prediction families (SD1.5, SDXL) ------------------------------------------
+    snr_gamma: float | None = _opt(None, "Min-SNR loss weighting gamma (5.0 is the paper's choice).")
+    noise_offset: float = _opt(0.0, "Noise offset (UNet families).")
+    prediction_type: str | None = _opt(None, "Override the scheduler's prediction type.", ("epsilon", "v_prediction"))
     # -- validation --------------------------------------------------------------------------
     validation_prompt: str | None = _opt(None, "Prompt(s) for validation images; separate several with '|'.")
     num_validation_images: int = _opt(4, "Images per validation prompt, generated in one batched call.")

@@ -62,6 +62,29 @@ def save_lora(output_dir: str | Path, family, denoiser, config: LoraConfig) -> P
     return output_dir / LORA_WEIGHTS_NAME
 
 
+KOHYA_WEIGHTS_NAME = "pytorch_lora_weights_kohya.safetensors"
+
+
+def save_kohya_copy(output_dir: str | Path, family, denoiser, config: LoraConfig) -> Path:
+    """A second copy in the kohya-ss key layout (AUTOMATIC1111, ComfyUI), via diffusers' converter.
+
+    diffusers writes each module's alpha as its rank, which is right only when alpha == rank; the real
+    ``lora_alpha`` is written here, so the strength matches the diffusers copy.
+    """
+    from diffusers.utils import convert_state_dict_to_kohya
+    from safetensors.torch import save_file
+
+    state = {f"{family.kohya_prefix}.{k}": v for k, v in lora_state_dict(denoiser).items()}
+    kohya = convert_state_dict_to_kohya(state)
+    kohya = {k: (torch.tensor(float(config.lora_alpha)) if k.endswith(".alpha") else v) for k, v in kohya.items()}
+    path = Path(output_dir) / KOHYA_WEIGHTS_NAME
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(kohya, str(tmp), metadata={"format": "pt", "ss_network_dim": str(config.r),
+                                         "ss_network_alpha": str(config.lora_alpha)})
+    os.replace(tmp, path)
+    return path
+
+
 def trigger_phrase(captions: list[str], instance_prompt: str | None = None) -> str | None:
     """The ``<token>`` that every caption carries (director-diffusion's layout), else the instance prompt."""
     common = None

@@ -13,15 +13,16 @@ from pathlib import Path
 from ddiff_core.families import available_families, get_family
 
 
-def build_tiny_pipeline(family: str, size: str = "tiny", seed: int = 0):
+def build_tiny_pipeline(family: str, size: str = "tiny", seed: int = 0, variant: str | None = None):
     """A random-weight pipeline of ``family``; the same seed gives the same weights."""
-    return get_family(family).build_tiny(size=size, seed=seed)
+    return get_family(family).build_tiny(size=size, seed=seed, variant=variant)
 
 
-def save_tiny_pipeline(family: str, output_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+def save_tiny_pipeline(family: str, output_dir: str | Path, size: str = "tiny", seed: int = 0,
+                       variant: str | None = None) -> Path:
     """Builds and saves with ``save_pretrained`` so the family's stock pipeline ``from_pretrained`` loads it."""
     output_dir = Path(output_dir)
-    build_tiny_pipeline(family, size, seed).save_pretrained(output_dir)
+    build_tiny_pipeline(family, size, seed, variant).save_pretrained(output_dir)
     return output_dir
 
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--size", default="tiny", choices=["tiny", "small"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variant", default=None, help="a family's variant, e.g. flux: schnell (no guidance embedding)")
     parser.add_argument("--captioner", action="store_true", help="build the tiny vision-language captioner instead")
     args = parser.parse_args(argv)
     if args.captioner:
@@ -38,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"saved a random-weight captioner to {VisionLanguageCaptioner.build_tiny(args.output_dir, args.seed)}")
         return 0
-    path = save_tiny_pipeline(args.family, args.output_dir, args.size, args.seed)
+    variants = get_family(args.family).tiny_variants
+    if args.variant and args.variant not in variants:
+        parser.error(f"--variant {args.variant} is not one of {variants or 'none'} for {args.family}")
+    path = save_tiny_pipeline(args.family, args.output_dir, args.size, args.seed, args.variant)
     print(f"saved a {args.size} random-weight {args.family} pipeline to {path}")
     return 0
 

@@ -34,7 +34,8 @@ from ddiff_core.config import ConfigError, TrainConfig
 from ddiff_core.data import DataError, EpochBatchSampler, ImageCaptionDataset, collate, load_records, screen_records
 from ddiff_core.families import resolve_family
 from ddiff_core.latents import sample_latents
-from ddiff_core.lora import add_lora, lora_digest, lora_state_dict, save_lora, trigger_phrase, write_model_card
+from ddiff_core.lora import (add_lora, lora_digest, lora_state_dict, save_kohya_copy, save_lora, trigger_phrase,
+                             write_model_card)
 from ddiff_core.profiling import NullProfiler, peak_memory_mb
 from ddiff_core.validation import ValidationRunner
 
@@ -104,6 +105,7 @@ class LoraTrainer:
         cfg = self.config
         self.family = resolve_family(cfg.pretrained_model_name_or_path, cfg.model_family)
         self.family.check_resolution(cfg.resolution)
+        self.family.check_config(cfg)
         if cfg.resume_from_checkpoint and cfg.resume_from_checkpoint != "latest":
             verify_checkpoint(Path(cfg.resume_from_checkpoint))  # a named checkpoint must be whole: fail now
         if cfg.optimizer == "prodigy":
@@ -389,6 +391,8 @@ class LoraTrainer:
                    "peak_memory_mb": peak_memory_mb(acc.device)}
         (self.output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         weights = save_lora(self.output_dir, self.family, denoiser, self.lora_config)
+        if cfg.lora_format == "kohya":
+            save_kohya_copy(self.output_dir, self.family, denoiser, self.lora_config)
         if self.validator is not None:
             self.validator.final_comparison()
         trigger = trigger_phrase([r.caption for r in self.records], cfg.instance_prompt)

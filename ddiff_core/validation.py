@@ -52,7 +52,7 @@ class ValidationRunner:
         self.seeds = [seed + i for i in range(len(prompts) * num_images)]
         self.denoiser = denoiser
         # Encoded once: the text encoders may be freed after this, as the caches allow.
-        embeds = family.encode_prompts(components, prompts, device=self.device, max_sequence_length=max_sequence_length)
+        embeds = family.validation_embeds(components, prompts, device=self.device, max_sequence_length=max_sequence_length)
         self.embeds = {k: v.repeat_interleave(num_images, dim=0).to(self.device, dtype) for k, v in embeds.items()}
         # One pipeline over the very modules that train: no load, no copy. Text encoders are not needed.
         parts = dict(components)

@@ -14,7 +14,7 @@ from ddiff_core.checkpoint import MANIFEST, latest_checkpoint
 from .conftest import kill_tree, run_script, start_script, train_args
 
 # Mid-epoch checkpoints (every 7 steps), accumulation, LR warm-up then decay, dropout (global RNG) on.
-RUN = ["--max_train_steps", "120", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "7",
+RUN = ["--max_train_steps", "60", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "7",
        "--lr_scheduler", "linear", "--lr_warmup_steps", "5", "--learning_rate", "1e-3", "--lora_dropout", "0.1",
        "--cache_latents", "--random_flip"]
 

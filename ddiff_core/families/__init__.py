@@ -17,6 +17,9 @@ ENTRY_POINT_GROUP = "ddiff.families"
 # Built-in families. Values are "module:attribute" so nothing is imported until asked for.
 BUILTIN_FAMILIES: dict[str, str] = {
     "flux": "ddiff_core.families.flux:FluxFamily",
+    "sd3": "ddiff_core.families.sd3:SD3Family",
+    "sd15": "ddiff_core.families.unet:SD15Family",
+    "sdxl": "ddiff_core.families.unet:SDXLFamily",
 }
 
 __all__ = ["ENTRY_POINT_GROUP", "ModelFamily", "UnknownModelError", "available_families", "get_family", "resolve_family"]

@@ -36,6 +36,8 @@ class ModelFamily(ABC):
     #: Image sides must be a multiple of this (VAE downsampling times latent packing).
     resolution_multiple: ClassVar[int] = 8
     tiny_sizes: ClassVar[tuple[str, ...]] = ("tiny", "small")
+    #: Key prefix for diffusers' PEFT -> kohya conversion; None where diffusers cannot convert.
+    kohya_prefix: ClassVar[str | None] = None
 
     # -- loading ---------------------------------------------------------------------------
     @property
@@ -92,6 +94,24 @@ class ModelFamily(ABC):
     ) -> dict[str, torch.Tensor]:
         """Prompts -> named embedding tensors, batch first (what the denoiser is conditioned on)."""
 
+    def validation_embeds(self, components, prompts: list[str], *, device, max_sequence_length: int) -> dict:
+        """Embeddings the pipeline needs for validation images (families with CFG add negatives)."""
+        return self.encode_prompts(components, prompts, device=device, max_sequence_length=max_sequence_length)
+
+    def prepare_training(self, components: dict[str, Any]) -> None:
+        """Per-run set-up from the loaded components (timestep grids, scale factors)."""
+
+    def check_config(self, config) -> None:
+        """Raises ValueError for settings that do not apply to this family."""
+        if getattr(config, "snr_gamma", None) and not getattr(self, "uses_snr", False):
+            raise ValueError(f"--snr_gamma applies to epsilon/v-prediction families, not {self.name}")
+        if getattr(config, "lora_format", "diffusers") == "kohya" and self.kohya_prefix is None:
+            raise ValueError(f"--lora_format kohya is not available for {self.name}: diffusers has no converter for it")
+        if getattr(config, "noise_offset", 0.0) and not getattr(self, "uses_snr", False):
+            raise ValueError(f"--noise_offset applies to epsilon/v-prediction families, not {self.name}")
+        if getattr(config, "prediction_type", None) and not getattr(self, "uses_snr", False):
+            raise ValueError(f"--prediction_type applies to epsilon/v-prediction families, not {self.name}")
+
     # -- training --------------------------------------------------------------------------
     @abstractmethod
     def training_loss(
@@ -116,6 +136,8 @@ class ModelFamily(ABC):
         )
 
     # -- tests -----------------------------------------------------------------------------
+    tiny_variants: ClassVar[tuple[str, ...]] = ()
+
     @abstractmethod
-    def build_tiny(self, size: str = "tiny", seed: int = 0):
+    def build_tiny(self, size: str = "tiny", seed: int = 0, variant: str | None = None):
         """A random-weight pipeline of this family, built locally (nothing from the hub)."""

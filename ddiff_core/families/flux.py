@@ -94,7 +94,9 @@ class FluxFamily(ModelFamily):
         """Builds the timestep grid from the scheduler config (once per run)."""
         self._sampler = FlowMatchingSampler(components["scheduler"].config)
 
-    def build_tiny(self, size="tiny", seed=0, *, guidance_embeds: bool = True):
+    tiny_variants = ("dev", "schnell")
+
+    def build_tiny(self, size="tiny", seed=0, variant=None):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
         from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -111,7 +113,7 @@ class FluxFamily(ModelFamily):
             num_attention_heads=s["heads"],
             joint_attention_dim=s["text"],  # = T5 d_model
             pooled_projection_dim=s["text"],  # = CLIP hidden size
-            guidance_embeds=guidance_embeds,
+            guidance_embeds=variant != "schnell",  # schnell is timestep-distilled: no guidance embedding
             axes_dims_rope=s["rope"],
         )
         torch.manual_seed(seed + 1)

@@ -1,0 +1,131 @@
+"""Every registered family (and FLUX.1-schnell) through the same tests: tiny build, training with and without
+caches, exact resume, the stock pipeline loading the LoRA; plus a third-party family from an entry point."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ddiff_core.families import available_families, get_family, resolve_family
+from ddiff_core.tiny import save_tiny_pipeline
+
+from .conftest import REPO, run_script, train_args
+
+CASES = [(name, None) for name in available_families()] + [("flux", "schnell")]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{n}-{v}" if v else n for n, v in CASES])
+def family_model(request, tmp_path_factory):
+    name, variant = request.param
+    path = save_tiny_pipeline(name, tmp_path_factory.mktemp("models") / f"tiny-{name}", "tiny", 0, variant)
+    return name, variant, path
+
+
+def _weights(out):
+    return load_file(out / "pytorch_lora_weights.safetensors")
+
+
+def _assert_equal(a, b, exact):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]) if exact else torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+def test_family_is_detected_from_model_index(family_model):
+    name, _, path = family_model
+    assert resolve_family(path).name == name
+
+
+def test_cached_and_uncached_train_the_same_lora_and_it_loads(family_model, tmp_path):
+    name, variant, path = family_model
+    common = ["--max_train_steps", "6", "--learning_rate", "1e-2", "--validation_prompt", "<demo-style> a cat",
+              "--num_validation_images", "2", "--validation_steps", "6", "--validation_inference_steps", "2"]
+    run_script("train_lora.py", train_args(path, tmp_path / "cached", *common, "--cache_latents"))
+    run_script("train_lora.py", train_args(path, tmp_path / "fresh", *common, "--no-cache_text_embeddings"))
+    _assert_equal(_weights(tmp_path / "cached"), _weights(tmp_path / "fresh"), exact=False)
+    assert (tmp_path / "cached" / "validation" / "final-base-vs-lora.png").exists()
+
+    family = get_family(name)
+    pipe = family.pipeline_class.from_pretrained(path)
+    kwargs = dict(prompt="<demo-style> a cat", height=64, width=64, num_inference_steps=2, output_type="pt")
+    if name in ("flux", "sd3"):
+        kwargs["max_sequence_length"] = 32
+    base = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    pipe.load_lora_weights(tmp_path / "cached")
+    assert (base - pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images).abs().max() > 1e-4
+
+
+def test_resume_from_a_checkpoint_is_exact(family_model, tmp_path):
+    _, _, path = family_model
+    args = ["--max_train_steps", "6", "--checkpointing_steps", "3", "--gradient_accumulation_steps", "2",
+            "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--learning_rate", "1e-3"]
+    run_script("train_lora.py", train_args(path, tmp_path / "full", *args))
+    out = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", out / "checkpoint-3")
+    metrics = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join(metrics[:3]) + "\n")
+    run_script("train_lora.py", train_args(path, out, *args, "--resume_from_checkpoint", "latest"))
+    _assert_equal(_weights(tmp_path / "full"), _weights(out), exact=True)
+    assert (out / "metrics.jsonl").read_text().splitlines() != [] and [
+        json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [
+        json.loads(x)["loss"] for x in metrics]
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl"])
+def test_kohya_copy_loads_and_matches_the_diffusers_copy(name, tmp_path):
+    path = save_tiny_pipeline(name, tmp_path / "model")
+    out = tmp_path / "lora"
+    run_script("train_lora.py", train_args(path, out, "--max_train_steps", "3", "--rank", "4", "--lora_alpha", "8",
+                                           "--learning_rate", "1e-2", "--lora_format", "kohya", "--snr_gamma", "5"))
+    kohya = load_file(out / "pytorch_lora_weights_kohya.safetensors")
+    assert any(k.startswith("lora_unet_") for k in kohya)
+    assert all(v.item() == 8.0 for k, v in kohya.items() if k.endswith(".alpha"))  # the real alpha, not the rank
+    pipe = get_family(name).pipeline_class.from_pretrained(path)
+    kwargs = dict(prompt="a cat", height=64, width=64, num_inference_steps=2, output_type="pt")
+    pipe.load_lora_weights(out)
+    a = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(out, weight_name="pytorch_lora_weights_kohya.safetensors")
+    assert torch.allclose(a, pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images, atol=1e-5)
+
+
+def test_family_specific_flags_are_refused_elsewhere(tiny_flux, tmp_path):
+    for flag, value in [("--snr_gamma", "5"), ("--lora_format", "kohya"), ("--noise_offset", "0.1")]:
+        result = run_script("train_lora.py", train_args(tiny_flux, tmp_path / "o", flag, value), check=False)
+        assert result.returncode == 2 and flag in result.stderr.strip().splitlines()[-1]
+
+
+def _plugin_site(root, name="flux-copy", extra=""):
+    """An installed distribution (dist-info with an entry point) that registers a family, on a path of its own."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "ddiff_plugin_family.py").write_text(
+        "from ddiff_core.families.flux import FluxFamily\n\n"
+        "class CopyFamily(FluxFamily):\n"
+        f"    name = {name!r}\n"
+        "    pipeline_class_names = ('FluxCopyPipeline',)\n")
+    dist = root / "ddiff_plugin_family-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ddiff-plugin-family\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[ddiff.families]\n{name} = ddiff_plugin_family:CopyFamily\n{extra}")
+    return root
+
+
+def test_a_third_party_family_is_picked_up_from_its_entry_point(tiny_flux, tmp_path):
+    site = _plugin_site(tmp_path / "site")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}
+    code = "from ddiff_core.families import available_families, get_family; print(available_families(), get_family('flux-copy').name)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert "flux-copy" in out.stdout, out.stderr[-2000:]
+    result = subprocess.run([sys.executable, str(REPO / "scripts/train_lora.py"),
+                             *train_args(tiny_flux, tmp_path / "o", "--model_family", "flux-copy", "--max_train_steps", "2")],
+                            env=env, capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    dup = _plugin_site(tmp_path / "dup", name="flux")
+    env["PYTHONPATH"] = os.pathsep.join([str(dup), str(REPO)])
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode != 0 and "registered twice" in out.stderr
