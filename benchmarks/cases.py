@@ -36,11 +36,16 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LOSS_SETTINGS = SimpleNamespace(weighting_scheme="none", logit_mean=0.0, logit_std=1.0, mode_scale=1.29, guidance_scale=3.5)
 
 
+class NotApplicable(Exception):
+    """This before/after pair does not exist for this family."""
+
+
 @dataclass(frozen=True)
 class Env:
     size: str = "tiny"
     device: str = "cpu"
     dtype: str = "fp32"
+    family: str = "flux"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -56,15 +61,15 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def model_dir(size: str) -> Path:
-    """The random-weight FLUX of this size, built once and kept in benchmarks/.models (atomically)."""
-    path = MODELS / f"flux-{size}"
+def model_dir(size: str, family: str = "flux") -> Path:
+    """The random-weight model of this family and size, built once and kept in benchmarks/.models (atomically)."""
+    path = MODELS / f"{family}-{size}"
     if not (path / "model_index.json").exists():
         from ddiff_core.tiny import save_tiny_pipeline
 
         MODELS.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=MODELS))
-        save_tiny_pipeline("flux", tmp / "m", size, seed=0)
+        save_tiny_pipeline(family, tmp / "m", size, seed=0)
         try:
             os.replace(tmp / "m", path)
         except OSError:  # another process won the race
@@ -74,8 +79,8 @@ def model_dir(size: str) -> Path:
 
 
 def _components(env: Env, dtype: torch.dtype | None = None):
-    family = get_family("flux")
-    components = family.load_components(str(model_dir(env.size)), dtype=dtype or env.torch_dtype)
+    family = get_family(env.family)
+    components = family.load_components(str(model_dir(env.size, env.family)), dtype=dtype or env.torch_dtype)
     for module in components.values():
         if isinstance(module, torch.nn.Module):
             module.to(env.device)
@@ -88,7 +93,7 @@ def _training(env: Env, *, gradient_checkpointing: bool = False, weight_dtype: t
               cached: bool = True):
     weight_dtype = weight_dtype or env.torch_dtype
     family, comps = _components(env, weight_dtype)
-    denoiser = comps["transformer"]
+    denoiser = comps[family.denoiser_name]
     torch.manual_seed(0)
     add_lora(denoiser, family, rank=16, alpha=16, dropout=0.0, lora_layers=None)
     if gradient_checkpointing:
@@ -138,6 +143,9 @@ def vae_scaling(env: Env, variant: str):
     t = _training(env)
     if variant == "after":
         return _ddiff_step(t)
+    if t.comps["vae"].config.get("shift_factor") is None:
+        # director-diffusion's inline copy assumes FLUX's shift_factor; on this VAE it would raise a TypeError.
+        raise NotApplicable(f"the inline 'before' code needs a VAE shift_factor, which {env.family}'s VAE lacks")
     batch = collate([t.dataset[i] for i in t.indices])
 
     def step():
@@ -165,7 +173,7 @@ def mixed_precision(env: Env, variant: str):
 # -- validation cases ----------------------------------------------------------------------------
 def _validation(env: Env):
     family, comps = _components(env)
-    denoiser = comps["transformer"]
+    denoiser = comps[family.denoiser_name]
     torch.manual_seed(0)
     add_lora(denoiser, family, rank=16, alpha=16, dropout=0.0, lora_layers=None)
     runner = ValidationRunner(family, comps, denoiser, ["<demo-style> a cat on a table"], num_images=4, seed=0,
@@ -180,7 +188,7 @@ def validation_reload(env: Env, variant: str):
     family, denoiser, runner = _validation(env)
     if variant == "after":
         return lambda: runner.generate()
-    return lambda: before.validation_with_reload(family.pipeline_class, model_dir(env.size), denoiser, runner.embeds,
+    return lambda: before.validation_with_reload(family, model_dir(env.size, env.family), denoiser, runner.embeds,
                                                  runner.seeds, env.resolution, 4, env.torch_dtype)
 
 
@@ -195,11 +203,11 @@ def validation_batching(env: Env, variant: str):
 # -- serving cases -------------------------------------------------------------------------------
 def lora_dir(env: Env, count: int = 3) -> Path:
     """``count`` random LoRAs (non-zero B) in ddiff's output layout, built once."""
-    root = MODELS / f"loras-{env.size}"
+    root = MODELS / f"loras-{env.family}-{env.size}"
     if len(list(root.glob("*/pytorch_lora_weights.safetensors"))) >= count:
         return root
-    family, comps = _components(Env(env.size, "cpu", "fp32"))
-    denoiser = comps["transformer"]
+    family, comps = _components(Env(env.size, "cpu", "fp32", env.family))
+    denoiser = comps[family.denoiser_name]
     for i, name in enumerate(["anderson-style", "nolan-style", "villeneuve-style"][:count]):
         torch.manual_seed(i)
         config = add_lora(denoiser, family, rank=16, alpha=16, dropout=0.0, lora_layers=None)
@@ -219,13 +227,13 @@ def serving(env: Env, variant: str):
     Timed: switching base -> LoRA -> base and generating one image each time."""
     from ddiff_core.serving.adapters import AdapterBank, LoraCatalog
 
-    family = get_family("flux")
+    family = get_family(env.family)
     loras = lora_dir(env)
     names = [p.name for p in sorted(loras.iterdir())]
     kwargs = dict(prompt="a street at night", height=env.resolution, width=env.resolution, num_inference_steps=2,
-                  max_sequence_length=64, output_type="pt")
+                  output_type="pt", **family.prompt_kwargs(64))
     if variant == "before":
-        server = before.TwoPipelineServer(family.pipeline_class, model_dir(env.size), {n: loras / n for n in names},
+        server = before.TwoPipelineServer(family, model_dir(env.size, env.family), {n: loras / n for n in names},
                                           env.torch_dtype)
         for pipe in [server.base, *server.styled.values()]:
             pipe.to(env.device)
@@ -234,7 +242,7 @@ def serving(env: Env, variant: str):
             for name in (None, names[0], None):
                 server.pipeline_for(name)(**kwargs, generator=torch.Generator().manual_seed(0))
         return request
-    pipe = family.pipeline_class.from_pretrained(model_dir(env.size), dtype=env.torch_dtype).to(env.device)
+    pipe = family.load_pipeline(str(model_dir(env.size, env.family)), dtype=env.torch_dtype).to(env.device)
     pipe.set_progress_bar_config(disable=True)
     bank = AdapterBank(pipe, LoraCatalog(loras))
 
@@ -252,11 +260,12 @@ def lora_switch(env: Env, variant: str):
 
     loras = lora_dir(env)
     names = [p.name for p in sorted(loras.iterdir())]
+    family = get_family(env.family)
     if variant == "before":
-        server = before.TwoPipelineServer(get_family("flux").pipeline_class, model_dir(env.size),
-                                          {n: loras / n for n in names}, env.torch_dtype)
+        server = before.TwoPipelineServer(family, model_dir(env.size, env.family), {n: loras / n for n in names},
+                                          env.torch_dtype)
         return lambda: [server.pipeline_for(n) for n in (names[0], names[1], None)]
-    pipe = get_family("flux").pipeline_class.from_pretrained(model_dir(env.size), dtype=env.torch_dtype)
+    pipe = family.load_pipeline(str(model_dir(env.size, env.family)), dtype=env.torch_dtype)
     bank = AdapterBank(pipe, LoraCatalog(loras))
     return lambda: [bank.select(n) for n in (names[0], names[1], None)]
 
@@ -322,7 +331,7 @@ def ddp_no_sync(env: Env, variant: str):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / config),
-           "--main_process_port", str(port), str(REPO / "benchmarks" / "ddp_accumulation.py"), "--size", env.size,
+           "--main_process_port", str(port), str(REPO / "benchmarks" / "ddp_accumulation.py"), "--size", env.size, "--family", env.family,
            "--mode", "sync_every_step" if variant == "before" else "no_sync"]
 
     def run():
@@ -361,9 +370,10 @@ def main() -> None:
     parser.add_argument("--size", default="tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--family", default="flux")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    fn = CASES[args.case](Env(args.size, args.device, args.dtype), args.variant)
+    fn = CASES[args.case](Env(args.size, args.device, args.dtype, args.family), args.variant)
     process = psutil.Process()
     fn()
     after_first = process.memory_info().rss

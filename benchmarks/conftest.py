@@ -13,6 +13,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 def pytest_addoption(parser):
     parser.addoption("--device", default="cpu", help="cpu or cuda")
     parser.addoption("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights dtype of the measured models")
+    parser.addoption("--family", default="flux", help="model family of the tiny/small benchmarks")
     parser.addoption("--model-size", default="small", choices=["tiny", "small", "full"],
                      help="tiny/small: random FLUX built locally; full: FLUX.1-dev's transformer shape on a GPU")
 
@@ -20,7 +21,8 @@ def pytest_addoption(parser):
 @pytest.fixture(scope="session")
 def bench_env(request) -> Env:
     size = request.config.getoption("--model-size")
-    return Env(size, request.config.getoption("--device"), request.config.getoption("--dtype"))
+    return Env(size, request.config.getoption("--device"), request.config.getoption("--dtype"),
+               request.config.getoption("--family"))
 
 
 @pytest.fixture(scope="session")

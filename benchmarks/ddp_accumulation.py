@@ -20,20 +20,22 @@ from ddiff_core.lora import add_lora
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--size", default="tiny")
+parser.add_argument("--family", default="flux")
 parser.add_argument("--mode", choices=["no_sync", "sync_every_step"], required=True)
 parser.add_argument("--steps", type=int, default=6)
 args = parser.parse_args()
 
 acc = Accelerator()
-env = Env(args.size, str(acc.device), "fp32")
+env = Env(args.size, str(acc.device), "fp32", args.family)
 family, comps = _components(env)
-denoiser = comps["transformer"]
+family.prepare_training(comps)
+denoiser = comps[family.denoiser_name]
 torch.manual_seed(0)
 add_lora(denoiser, family, rank=16, alpha=16, dropout=0.0, lora_layers=None)
 params = [p for p in denoiser.parameters() if p.requires_grad]
 denoiser, optimizer = acc.prepare(denoiser, torch.optim.AdamW(params, lr=1e-4))
 side = env.resolution // 8
-latents = torch.randn(2, 16, side, side, device=acc.device)
+latents = torch.randn(2, comps["vae"].config.latent_channels, side, side, device=acc.device)
 embeds = family.encode_prompts(comps, ["<t> a still", "<t> another"], device=acc.device, max_sequence_length=64)
 generator = torch.Generator(acc.device).manual_seed(acc.process_index)
 times = []

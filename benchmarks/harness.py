@@ -33,7 +33,7 @@ def peak_memory(env: Env, case: str, variant: str, fn, timing: bool) -> dict:
         sync(env.device)
         return {"peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20, "memory_method": "cuda max_memory_allocated"}
     cmd = [sys.executable, "-m", "benchmarks.cases", case, variant, "--size", env.size, "--device", env.device,
-           "--dtype", env.dtype, "--repeat", "5" if timing else "1"]
+           "--dtype", env.dtype, "--family", env.family, "--repeat", "5" if timing else "1"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
     if result.returncode != 0:
         raise RuntimeError(f"memory probe {case}/{variant} failed:\n{result.stderr[-3000:]}")
@@ -53,11 +53,12 @@ def run_case(benchmark, env: Env, case: str, variant: str, *, rounds: int, timin
 
     benchmark.group = case
     benchmark.extra_info.update(case=case, variant=variant, size=env.size, device=env.device, dtype=env.dtype,
+                                family=env.family,
                                 **versions())
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=2 if timing else 0, iterations=1)
     if isinstance(result.get("value"), dict) and "median_step_s" in result["value"]:
         benchmark.extra_info["inner_median_s"] = result["value"]["median_step_s"]
     # Two processes: memory per variant is not one process's peak. With timing off (CI's smoke run) one case
     # still goes through the fresh-process probe, so that path cannot rot either.
-    if case != "ddp_no_sync" and (timing or case == "vae_scaling"):
+    if case != "ddp_no_sync" and (timing or case == "feature_caches"):
         benchmark.extra_info.update(peak_memory(env, case, variant, fn, timing))

@@ -18,12 +18,13 @@ from ddiff_core.trainer import LoraTrainer
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="small", choices=["tiny", "small"])
+    parser.add_argument("--family", default="flux")
     parser.add_argument("--steps", type=int, default=3, help="active (recorded) steps, after 1 wait and 1 warm-up")
     parser.add_argument("--trace_dir", default="benchmarks/traces")
     parser.add_argument("--cache_latents", action="store_true")
     args = parser.parse_args()
     config = parse_config([
-        "--pretrained_model_name_or_path", str(model_dir(args.size)), "--instance_data_dir", str(DEMO),
+        "--pretrained_model_name_or_path", str(model_dir(args.size, args.family)), "--instance_data_dir", str(DEMO),
         "--output_dir", tempfile.mkdtemp(prefix="ddiff-profile-"), "--resolution", str(RESOLUTION[args.size]),
         "--train_batch_size", "2", "--max_train_steps", str(args.steps + 2), "--max_sequence_length", "64",
         "--report_to", "none", "--seed", "0", "--checkpointing_steps", "100000",

@@ -70,9 +70,10 @@ def main(argv=None) -> int:
     if not catalog.list():
         print(f"warning: no LoRA folders in {Path(args.lora_dir).resolve()} yet; they are picked up when they appear",
               file=sys.stderr)
-    pipeline = family.pipeline_class.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype).to(device)
+    pipeline = family.load_pipeline(args.pretrained_model_name_or_path, dtype=dtype).to(device)
     pipeline.set_progress_bar_config(disable=True)
-    server = StyleServer(pipeline, catalog, VoteStore(args.votes_db), max_sequence_length=args.max_sequence_length)
+    server = StyleServer(pipeline, catalog, VoteStore(args.votes_db),
+                         prompt_kwargs=family.prompt_kwargs(args.max_sequence_length))
     cuda = device.startswith("cuda")
     app = build_app(server, default_size=args.default_size or (512 if cuda else 128),
                     default_steps=args.default_steps or (28 if cuda else 4))

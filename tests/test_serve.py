@@ -200,3 +200,30 @@ def test_page_in_a_real_browser(served, tmp_path):
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert shot.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("family", ["sd3", "sdxl", "sd15"])
+def test_serves_every_family(family, tmp_path):
+    from ddiff_core.tiny import save_tiny_pipeline
+
+    model = save_tiny_pipeline(family, tmp_path / "model")
+    from ddiff_core.families import get_family
+    from ddiff_core.lora import add_lora, save_lora, write_model_card
+
+    fam = get_family(family)
+    denoiser = fam.load_components(str(model))[fam.denoiser_name]
+    torch.manual_seed(0)
+    config = add_lora(denoiser, fam, rank=4, alpha=4, dropout=0.0, lora_layers=None)
+    with torch.no_grad():
+        for n, p in denoiser.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    save_lora(tmp_path / "loras" / "lynch-style", fam, denoiser, config)
+    write_model_card(tmp_path / "loras" / "lynch-style", family=fam, base_model=str(model), trigger="<lynch>",
+                     config_dict={}, lora_config=config, global_step=1)
+    server = Server(model, tmp_path / "loras", tmp_path / "votes.sqlite")
+    try:
+        base, lora = server.call("/compare", "a diner", "lynch-style", 0, 2, 64, 3.5)
+        assert (_pixels(base) - _pixels(lora)).abs().max() > 0
+    finally:
+        server.stop()

@@ -30,9 +30,9 @@ def compute_loss_inline_scaling(family, transformer, vae, latent_params, embeds,
     return family.training_loss(transformer, model_input.to(weight_dtype), embeds, generator, config)
 
 
-def validation_with_reload(pipeline_class, model_dir, transformer, prompt_embeds: dict, seeds, resolution, steps, dtype):
+def validation_with_reload(family, model_dir, denoiser, prompt_embeds: dict, seeds, resolution, steps, dtype):
     """src/train.py validation: a new pipeline from_pretrained (around the training transformer) at every validation."""
-    pipeline = pipeline_class.from_pretrained(model_dir, transformer=transformer, dtype=dtype).to(transformer.device)
+    pipeline = family.load_pipeline(str(model_dir), dtype=dtype, **{family.denoiser_name: denoiser}).to(denoiser.device)
     pipeline.set_progress_bar_config(disable=True)
     generators = [torch.Generator(pipeline.device).manual_seed(s) for s in seeds]
     with torch.no_grad():
@@ -54,11 +54,11 @@ def validation_one_by_one(pipeline, prompt_embeds: dict, seeds, resolution, step
 class TwoPipelineServer:
     """src/serve.py: a base pipeline plus a second, LoRA-loaded pipeline per style (full copies of the weights)."""
 
-    def __init__(self, pipeline_class, model_dir, lora_dirs: dict[str, Path], dtype):
-        self.base = pipeline_class.from_pretrained(model_dir, dtype=dtype)
+    def __init__(self, family, model_dir, lora_dirs: dict[str, Path], dtype):
+        self.base = family.load_pipeline(str(model_dir), dtype=dtype)
         self.styled = {}
         for name, path in lora_dirs.items():
-            pipe = pipeline_class.from_pretrained(model_dir, dtype=dtype)
+            pipe = family.load_pipeline(str(model_dir), dtype=dtype)
             pipe.load_lora_weights(str(path))
             self.styled[name] = pipe
         for pipe in [self.base, *self.styled.values()]:

@@ -56,6 +56,10 @@ class ModelFamily(ABC):
                 module.requires_grad_(False).eval()
         return components
 
+    def load_pipeline(self, path: str, **kwargs):
+        """The stock pipeline for inference (serving)."""
+        return self.pipeline_class.from_pretrained(path, **kwargs)
+
     def assemble_pipeline(self, components: dict[str, Any]):
         """A pipeline over components already in memory (no load, no copy)."""
         return self.pipeline_class(**components)
@@ -93,6 +97,10 @@ class ModelFamily(ABC):
         self, components: dict[str, Any], prompts: list[str], *, device: torch.device, max_sequence_length: int
     ) -> dict[str, torch.Tensor]:
         """Prompts -> named embedding tensors, batch first (what the denoiser is conditioned on)."""
+
+    def prompt_kwargs(self, max_sequence_length: int) -> dict:
+        """Extra text arguments the family's pipeline takes with a prompt (T5 families: the sequence length)."""
+        return {}
 
     def validation_embeds(self, components, prompts: list[str], *, device, max_sequence_length: int) -> dict:
         """Embeddings the pipeline needs for validation images (families with CFG add negatives)."""

@@ -43,6 +43,9 @@ class FluxFamily(ModelFamily):
     def __init__(self):
         self._sampler: FlowMatchingSampler | None = None
 
+    def prompt_kwargs(self, max_sequence_length):
+        return {"max_sequence_length": max_sequence_length}
+
     def encode_prompts(self, components, prompts, *, device, max_sequence_length):
         # The pipeline's own encoder, over the text components alone: same tokenization as inference.
         text_only = {k: v for k, v in components.items() if k in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")}

@@ -30,6 +30,9 @@ class SD3Family(ModelFamily):
     def prepare_training(self, components) -> None:
         self._sampler = FlowMatchingSampler(components["scheduler"].config)
 
+    def prompt_kwargs(self, max_sequence_length):
+        return {"max_sequence_length": max_sequence_length}
+
     def encode_prompts(self, components, prompts, *, device, max_sequence_length):
         names = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
         pipe = self.pipeline_class(transformer=None, scheduler=None, vae=None, **{k: components[k] for k in names})

@@ -120,6 +120,9 @@ class SD15Family(UNetFamily):
         return self.pipeline_class(**{**components, "safety_checker": None, "feature_extractor": None,
                                       "requires_safety_checker": False})
 
+    def load_pipeline(self, path, **kwargs):
+        return self.pipeline_class.from_pretrained(path, safety_checker=None, requires_safety_checker=False, **kwargs)
+
     def load_components(self, path, **kw):
         components = super().load_components(path, **kw)
         components.pop("requires_safety_checker", None)

@@ -70,9 +70,9 @@ class StyleServer:
     """Generates base and LoRA images from one set of base weights."""
 
     def __init__(self, pipeline, catalog: LoraCatalog, votes: VoteStore, limits: Limits = Limits(),
-                 max_sequence_length: int = 512):
+                 prompt_kwargs: dict | None = None):
         self.pipeline, self.catalog, self.votes, self.limits = pipeline, catalog, votes, limits
-        self.max_sequence_length = max_sequence_length
+        self.prompt_kwargs = prompt_kwargs or {}  # the family's extra text arguments
         self.bank = AdapterBank(pipeline, catalog)
 
     def styles(self) -> list[str]:
@@ -99,7 +99,7 @@ class StyleServer:
             with torch.no_grad():
                 return self.pipeline(
                     prompt=prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-                    generator=torch.Generator(device).manual_seed(seed), max_sequence_length=self.max_sequence_length,
+                    generator=torch.Generator(device).manual_seed(seed), **self.prompt_kwargs,
                 ).images[0]
 
     def compare(self, prompt, style, seed, steps, size, guidance):
