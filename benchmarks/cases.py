@@ -24,7 +24,8 @@ from benchmarks.baselines import director_diffusion as before
 from ddiff_core.caching import FeatureCache, TrainingFeatures
 from ddiff_core.data import ImageCaptionDataset, collate, load_records
 from ddiff_core.families import get_family
-from ddiff_core.lora import add_lora, save_lora, write_model_card
+from ddiff_core.lora import add_lora
+from ddiff_core.tiny import save_tiny_lora
 from ddiff_core.trainer import compute_loss
 from ddiff_core.validation import ValidationRunner
 
@@ -207,18 +208,9 @@ def lora_dir(env: Env, count: int = 3) -> Path:
     if len(list(root.glob("*/pytorch_lora_weights.safetensors"))) >= count:
         return root
     family, comps = _components(Env(env.size, "cpu", "fp32", env.family))
-    denoiser = comps[family.denoiser_name]
     for i, name in enumerate(["anderson-style", "nolan-style", "villeneuve-style"][:count]):
-        torch.manual_seed(i)
-        config = add_lora(denoiser, family, rank=16, alpha=16, dropout=0.0, lora_layers=None)
-        with torch.no_grad():
-            for n, p in denoiser.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.02)
-        save_lora(root / name, family, denoiser, config)
-        write_model_card(root / name, family=family, base_model="tiny", trigger=f"<{name}>", config_dict={},
-                         lora_config=config, global_step=0)
-        denoiser.delete_adapters("default")
+        save_tiny_lora(env.family, comps[family.denoiser_name], root / name, seed=i, rank=16, std=0.02,
+                       trigger=f"<{name}>")
     return root
 
 

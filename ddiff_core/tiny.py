@@ -26,6 +26,28 @@ def save_tiny_pipeline(family: str, output_dir: str | Path, size: str = "tiny", 
     return output_dir
 
 
+def save_tiny_lora(family: str, denoiser, output_dir: str | Path, *, seed: int = 0, rank: int = 4,
+                   std: float = 0.5, trigger: str | None = None, base_model: str = "tiny") -> Path:
+    """A random LoRA (non-zero B, so it changes the output) on ``denoiser``, saved in ddiff's output layout
+    (weights + model card); the adapter is removed again afterwards."""
+    import torch
+
+    from ddiff_core.lora import add_lora, save_lora, write_model_card
+
+    fam = get_family(family)
+    torch.manual_seed(seed)
+    config = add_lora(denoiser, fam, rank=rank, alpha=rank, dropout=0.0, lora_layers=None)
+    with torch.no_grad():
+        for name, param in denoiser.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, std)
+    save_lora(output_dir, fam, denoiser, config)
+    write_model_card(output_dir, family=fam, base_model=base_model, trigger=trigger, config_dict={},
+                     lora_config=config, global_step=0)
+    denoiser.delete_adapters("default")
+    return Path(output_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddiff_core.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="flux", choices=available_families())

@@ -18,23 +18,14 @@ from .conftest import REPO, _free_port
 gradio_client = pytest.importorskip("gradio_client")
 
 
-def make_loras(model: Path, root: Path, names) -> Path:
+def make_loras(model: Path, root: Path, names, family: str = "flux") -> Path:
     from ddiff_core.families import get_family
-    from ddiff_core.lora import add_lora, save_lora, write_model_card
+    from ddiff_core.tiny import save_tiny_lora
 
-    family = get_family("flux")
-    denoiser = family.load_components(str(model))["transformer"]
+    fam = get_family(family)
+    denoiser = fam.load_components(str(model))[fam.denoiser_name]
     for i, name in enumerate(names):
-        torch.manual_seed(i)
-        config = add_lora(denoiser, family, rank=4, alpha=4, dropout=0.0, lora_layers=None)
-        with torch.no_grad():
-            for n, p in denoiser.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.5)
-        save_lora(root / name, family, denoiser, config)
-        write_model_card(root / name, family=family, base_model=str(model), trigger=f"<{name}>", config_dict={},
-                         lora_config=config, global_step=1)
-        denoiser.delete_adapters("default")
+        save_tiny_lora(family, denoiser, root / name, seed=i, trigger=f"<{name}>", base_model=str(model))
     return root
 
 
@@ -207,20 +198,7 @@ def test_serves_every_family(family, tmp_path):
     from ddiff_core.tiny import save_tiny_pipeline
 
     model = save_tiny_pipeline(family, tmp_path / "model")
-    from ddiff_core.families import get_family
-    from ddiff_core.lora import add_lora, save_lora, write_model_card
-
-    fam = get_family(family)
-    denoiser = fam.load_components(str(model))[fam.denoiser_name]
-    torch.manual_seed(0)
-    config = add_lora(denoiser, fam, rank=4, alpha=4, dropout=0.0, lora_layers=None)
-    with torch.no_grad():
-        for n, p in denoiser.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
-    save_lora(tmp_path / "loras" / "lynch-style", fam, denoiser, config)
-    write_model_card(tmp_path / "loras" / "lynch-style", family=fam, base_model=str(model), trigger="<lynch>",
-                     config_dict={}, lora_config=config, global_step=1)
+    make_loras(model, tmp_path / "loras", ["lynch-style"], family)
     server = Server(model, tmp_path / "loras", tmp_path / "votes.sqlite")
     try:
         base, lora = server.call("/compare", "a diner", "lynch-style", 0, 2, 64, 3.5)
