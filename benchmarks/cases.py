@@ -8,6 +8,7 @@ Each variant is set up on its own, so a fresh process can build exactly one and 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -91,7 +92,7 @@ def _components(env: Env, dtype: torch.dtype | None = None):
 
 # -- training-step cases -------------------------------------------------------------------------
 def _training(env: Env, *, gradient_checkpointing: bool = False, weight_dtype: torch.dtype | None = None,
-              cached: bool = True):
+              cached: bool = True, free_encoders: bool | None = None):
     weight_dtype = weight_dtype or env.torch_dtype
     family, comps = _components(env, weight_dtype)
     denoiser = comps[family.denoiser_name]
@@ -116,11 +117,15 @@ def _training(env: Env, *, gradient_checkpointing: bool = False, weight_dtype: t
             comps, [records[i].caption for i in indices], device=env.device, max_sequence_length=64).items()})
         features = TrainingFeatures(family, comps, device=env.device, max_sequence_length=64,
                                     latent_cache=latent, text_cache=text)
+    latent_norm = family.latent_norm(comps["vae"].config)
+    if cached if free_encoders is None else free_encoders:  # as the trainer does once the caches cover them
+        for name in ("vae", *family.text_encoder_names):
+            comps[name] = None
     generator = torch.Generator(env.device).manual_seed(0)
     autocast = torch.autocast(torch.device(env.device).type, weight_dtype, enabled=weight_dtype != torch.float32)
     return SimpleNamespace(family=family, comps=comps, denoiser=denoiser, optimizer=optimizer, dataset=dataset,
                            features=features, generator=generator, autocast=autocast, weight_dtype=weight_dtype,
-                           latent_norm=family.latent_norm(comps["vae"].config), indices=indices)
+                           latent_norm=latent_norm, indices=indices)
 
 
 def _step(t, loss_fn) -> None:
@@ -141,7 +146,7 @@ def _ddiff_step(t):
 
 def vae_scaling(env: Env, variant: str):
     """Fix 1: the VAE shift/scale inline (director-diffusion) vs ddiff's one LatentNorm, in a whole training step."""
-    t = _training(env)
+    t = _training(env, free_encoders=False)  # the inline code reads the VAE's config
     if variant == "after":
         return _ddiff_step(t)
     if t.comps["vae"].config.get("shift_factor") is None:
@@ -247,7 +252,8 @@ def serving(env: Env, variant: str):
 
 
 def lora_switch(env: Env, variant: str):
-    """Fix 3, switch cost alone: picking another pipeline (before) vs set_adapters/disable_lora on one (after)."""
+    """Fix 3, switch cost alone: one switch from one LoRA to another per call: picking the other pipeline (before)
+    vs set_adapters on the one pipeline (after)."""
     from ddiff_core.serving.adapters import AdapterBank, LoraCatalog
 
     loras = lora_dir(env)
@@ -256,10 +262,12 @@ def lora_switch(env: Env, variant: str):
     if variant == "before":
         server = before.TwoPipelineServer(family, model_dir(env.size, env.family), {n: loras / n for n in names},
                                           env.torch_dtype)
-        return lambda: [server.pipeline_for(n) for n in (names[0], names[1], None)]
+        turn = itertools.cycle(names[:2])
+        return lambda: server.pipeline_for(next(turn))
     pipe = family.load_pipeline(str(model_dir(env.size, env.family)), dtype=env.torch_dtype)
     bank = AdapterBank(pipe, LoraCatalog(loras))
-    return lambda: [bank.select(n) for n in (names[0], names[1], None)]
+    turn = itertools.cycle(names[:2])
+    return lambda: bank.select(next(turn))
 
 
 def lora_list(env: Env, variant: str):
@@ -367,12 +375,15 @@ def main() -> None:
     args = parser.parse_args()
     fn = CASES[args.case](Env(args.size, args.device, args.dtype, args.family), args.variant)
     process = psutil.Process()
+    before_first = process.memory_info().rss
     fn()
     after_first = process.memory_info().rss
     for _ in range(args.repeat - 1):
         fn()
-    growth = (process.memory_info().rss - after_first) / 2**20
-    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "rss_growth_mb": growth, "calls": args.repeat}))
+    after_last = process.memory_info().rss
+    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "rss_growth_mb": (after_last - after_first) / 2**20,
+                      "rss_before_mb": before_first / 2**20, "rss_after_mb": after_last / 2**20,
+                      "calls": args.repeat}))
 
 
 if __name__ == "__main__":

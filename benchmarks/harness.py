@@ -39,6 +39,7 @@ def peak_memory(env: Env, case: str, variant: str, fn, timing: bool) -> dict:
         raise RuntimeError(f"memory probe {case}/{variant} failed:\n{result.stderr[-3000:]}")
     probe = json.loads(result.stdout.strip().splitlines()[-1])
     return {"peak_mem_mb": probe["peak_rss_mb"], "rss_growth_mb": probe["rss_growth_mb"],
+            "rss_before_mb": probe["rss_before_mb"], "rss_after_mb": probe["rss_after_mb"],
             "memory_method": "peak RSS of a fresh process"}
 
 

@@ -14,7 +14,7 @@ CLAIMS = {
     "vae_scaling": "Fix 1 (report: HIGH, 5-10% per step): inline VAE scaling vs one LatentNorm helper, whole training step",
     "validation_reload": "Fix 2: validation pipeline from_pretrained each time vs assembled once from memory (4 images)",
     "serving": "Fix 3: base + one pipeline per LoRA (3 LoRAs) vs one pipeline with named adapters; base->LoRA->base requests",
-    "lora_switch": "Fix 3: switching the style alone: pick another pipeline vs set_adapters/disable_lora",
+    "lora_switch": "Fix 3: one switch from one LoRA to another: pick the other pipeline vs set_adapters",
     "list_building": "Fix 4: append loops vs comprehensions (10k items, samples, options)",
     "lora_list": "Fix 5: LoRA list scanned on each of 3 calls vs cached catalog",
     "validation_batching": "Fix 6: 4 validation images one call each vs one batched call",
@@ -54,7 +54,7 @@ def _verdict(case: str, ratio: float, mem_before, mem_after, growth_before, grow
         else:
             parts.append("same peak memory")
     if growth_before is not None and growth_after is not None and max(growth_before, growth_after) >= 5:
-        parts.append(f"RSS growth over 5 calls {growth_before:,.0f} -> {growth_after:,.0f} MiB")
+        parts.append(f"RSS growth from call 1 to call 5: {growth_before:,.0f} MiB before, {growth_after:,.0f} MiB after")
     if case == "vae_scaling" and 0.91 < ratio < 1.10:
         parts.append("the report's 5-10% claim does not hold")
     return "; ".join(parts)
