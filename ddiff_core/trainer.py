@@ -206,6 +206,8 @@ class LoraTrainer:
         self.checkpointer = Checkpointer(acc, self.output_dir, total_limit=cfg.checkpoints_total_limit)
         if cfg.resume_from_checkpoint:
             self._resume()
+        if self.global_step == 0 and acc.is_main_process and self.metrics_file.exists():
+            self.metrics_file.unlink()  # a fresh run into an old folder: its step log starts over
         if acc.is_main_process:
             flat = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
             acc.init_trackers("ddiff", config=flat)
