@@ -29,6 +29,7 @@ def main(argv=None) -> int:
     try:
         trainer.train()
     except TrainingInterrupted as stop:
+        trainer.cleanup()  # flush the trackers; the checkpoint is already committed
         print(f"{stop}", file=sys.stderr)
         return stop.exit_code
     except NonFiniteLoss as err:
