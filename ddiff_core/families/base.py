@@ -35,7 +35,6 @@ class ModelFamily(ABC):
     default_lora_preset: ClassVar[str]
     #: Image sides must be a multiple of this (VAE downsampling times latent packing).
     resolution_multiple: ClassVar[int] = 8
-    tiny_sizes: ClassVar[tuple[str, ...]] = ("tiny", "small")
     #: Key prefix for diffusers' PEFT -> kohya conversion; None where diffusers cannot convert.
     kohya_prefix: ClassVar[str | None] = None
 
