@@ -261,7 +261,7 @@ class LoraTrainer:
                 output_dir=self.output_dir, device=device, dtype=self.weight_dtype,
             )
         # Free what the caches cover: the training step never touches these again.
-        if latent_cache is not None and not cfg.validation_prompts:
+        if latent_cache is not None and self.validator is None:  # validation decodes with the VAE
             self.components["vae"] = None
         if text_cache is not None:
             for name in family.text_encoder_names:
@@ -277,8 +277,7 @@ class LoraTrainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> None:
-        cfg, acc = self.config, self.accelerator
-        ga = cfg.gradient_accumulation_steps
+        acc, ga = self.accelerator, self.config.gradient_accumulation_steps
         progress = tqdm(total=self.max_train_steps, initial=self.global_step, desc="training",
                         disable=not acc.is_local_main_process)
         start_epoch = self.global_step // self.updates_per_epoch
