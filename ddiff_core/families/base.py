@@ -37,6 +37,10 @@ class ModelFamily(ABC):
     resolution_multiple: ClassVar[int] = 8
     #: Key prefix for diffusers' PEFT -> kohya conversion; None where diffusers cannot convert.
     kohya_prefix: ClassVar[str | None] = None
+    #: Epsilon/v-prediction families take --snr_gamma, --noise_offset and --prediction_type.
+    noise_prediction: ClassVar[bool] = False
+    #: Validation uses classifier-free guidance, so empty-prompt embeddings are encoded too.
+    uses_cfg: ClassVar[bool] = False
 
     # -- loading ---------------------------------------------------------------------------
     @property
@@ -102,22 +106,26 @@ class ModelFamily(ABC):
         return {}
 
     def validation_embeds(self, components, prompts: list[str], *, device, max_sequence_length: int) -> dict:
-        """Embeddings the pipeline needs for validation images (families with CFG add negatives)."""
-        return self.encode_prompts(components, prompts, device=device, max_sequence_length=max_sequence_length)
+        """Embeddings the pipeline needs for validation images, encoded once so the encoders can be freed;
+        families that validate with classifier-free guidance get empty-prompt ``negative_*`` embeddings too."""
+        embeds = self.encode_prompts(components, prompts, device=device, max_sequence_length=max_sequence_length)
+        if not self.uses_cfg:
+            return embeds
+        empty = self.encode_prompts(components, [""] * len(prompts), device=device,
+                                    max_sequence_length=max_sequence_length)
+        return {**embeds, **{f"negative_{k}": v for k, v in empty.items()}}
 
     def prepare_training(self, components: dict[str, Any]) -> None:
         """Per-run set-up from the loaded components (timestep grids, scale factors)."""
 
     def check_config(self, config) -> None:
         """Raises ValueError for settings that do not apply to this family."""
-        if getattr(config, "snr_gamma", None) and not getattr(self, "uses_snr", False):
-            raise ValueError(f"--snr_gamma applies to epsilon/v-prediction families, not {self.name}")
         if getattr(config, "lora_format", "diffusers") == "kohya" and self.kohya_prefix is None:
             raise ValueError(f"--lora_format kohya is not available for {self.name}: diffusers has no converter for it")
-        if getattr(config, "noise_offset", 0.0) and not getattr(self, "uses_snr", False):
-            raise ValueError(f"--noise_offset applies to epsilon/v-prediction families, not {self.name}")
-        if getattr(config, "prediction_type", None) and not getattr(self, "uses_snr", False):
-            raise ValueError(f"--prediction_type applies to epsilon/v-prediction families, not {self.name}")
+        if not self.noise_prediction:
+            for flag in ("snr_gamma", "noise_offset", "prediction_type"):
+                if getattr(config, flag, None):
+                    raise ValueError(f"--{flag} applies to epsilon/v-prediction families, not {self.name}")
 
     # -- training --------------------------------------------------------------------------
     @abstractmethod

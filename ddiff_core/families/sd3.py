@@ -23,6 +23,7 @@ class SD3Family(ModelFamily):
     }
     default_lora_preset = "attention"
     resolution_multiple = 16  # 8x VAE, then 2x2 patches
+    uses_cfg = True
 
     def __init__(self):
         self._sampler: FlowMatchingSampler | None = None
@@ -41,12 +42,6 @@ class SD3Family(ModelFamily):
                                                              do_classifier_free_guidance=False,
                                                              max_sequence_length=max_sequence_length)
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
-
-    def validation_embeds(self, components, prompts, *, device, max_sequence_length):
-        embeds = self.encode_prompts(components, prompts, device=device, max_sequence_length=max_sequence_length)
-        empty = self.encode_prompts(components, [""] * len(prompts), device=device,
-                                    max_sequence_length=max_sequence_length)
-        return {**embeds, **{f"negative_{k}": v for k, v in empty.items()}}
 
     def training_loss(self, denoiser, latents, embeds, generator, config):
         if self._sampler is None:

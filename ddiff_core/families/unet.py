@@ -19,7 +19,8 @@ class UNetFamily(ModelFamily):
         "attention-ff": _UNET_ATTENTION + ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"],
     }
     default_lora_preset = "attention"
-    uses_snr = True
+    noise_prediction = True
+    uses_cfg = True
     kohya_prefix = "unet"
 
     def __init__(self):
@@ -70,13 +71,6 @@ class UNetFamily(ModelFamily):
         weights = weights / (snr + 1) if prediction_type == "v_prediction" else weights / snr
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
         return (loss * weights).mean()
-
-    def validation_embeds(self, components, prompts, *, device, max_sequence_length):
-        """Prompt and empty-prompt embeddings: classifier-free guidance needs both, and the encoders may be freed."""
-        embeds = self.encode_prompts(components, prompts, device=device, max_sequence_length=max_sequence_length)
-        empty = self.encode_prompts(components, [""] * len(prompts), device=device,
-                                    max_sequence_length=max_sequence_length)
-        return {**embeds, **{f"negative_{k}": v for k, v in empty.items()}}
 
 
 def _tiny_unet(size: str, cross_attention_dim: int, **extra):
