@@ -15,7 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from ddiff_core.families.flow_matching import WEIGHTING_SCHEMES
+# Timestep sampling / loss weighting of the flow-matching families (diffusers.training_utils names).
+WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
 
 
 class ConfigError(ValueError):

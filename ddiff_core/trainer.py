@@ -406,7 +406,9 @@ class LoraTrainer:
         return weights
 
     def cleanup(self) -> None:
-        self.accelerator.end_training()
+        """Flushes the trackers. The process group is left to the end of the process (see ddiff_core.process.run_process)."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
 
     def summary(self) -> str:
         peak = peak_memory_mb(self.accelerator.device)
@@ -417,3 +419,4 @@ class LoraTrainer:
             f"  metrics:     {self.metrics_file}\n"
             f"  TensorBoard: tensorboard --logdir {self.output_dir / self.config.logging_dir}"
         )
+

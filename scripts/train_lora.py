@@ -11,37 +11,44 @@ Exit codes: 0 done, 2 bad input, 3 non-finite loss, 128+N stopped by signal N (a
 import logging
 import sys
 
-from ddiff_core.checkpoint import CheckpointError
 from ddiff_core.config import ConfigError, parse_config
-from ddiff_core.data import DataError
-from ddiff_core.families import UnknownModelError
-from ddiff_core.trainer import LoraTrainer, NonFiniteLoss, TrainingInterrupted
+from ddiff_core.process import run_process
 
 
 def main(argv=None) -> int:
     try:
         config = parse_config(argv, description=__doc__.splitlines()[0])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    # torch, diffusers and the rest load only once the flags are known to be good (a bad flag fails in a blink).
+    from ddiff_core.checkpoint import CheckpointError
+    from ddiff_core.data import DataError
+    from ddiff_core.families import UnknownModelError
+    from ddiff_core.trainer import LoraTrainer, NonFiniteLoss, TrainingInterrupted
+
+    try:
         trainer = LoraTrainer(config)
         trainer.setup()  # checks data, family, resolution and any named checkpoint before loading a model
-    except (ConfigError, DataError, UnknownModelError, CheckpointError, ValueError) as err:
+    except (DataError, UnknownModelError, CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
         trainer.train()
-    except TrainingInterrupted as stop:
-        trainer.cleanup()  # flush the trackers; the checkpoint is already committed
+        trainer.save()
+        code = 0
+    except TrainingInterrupted as stop:  # the checkpoint is already committed
         print(f"{stop}", file=sys.stderr)
-        return stop.exit_code
+        code = stop.exit_code
     except NonFiniteLoss as err:
         print(f"error: {err}", file=sys.stderr)
-        return 3
-    trainer.save()
+        code = 3
     trainer.cleanup()
-    if trainer.accelerator.is_main_process:
+    if code == 0 and trainer.accelerator.is_main_process:
         print(trainer.summary())
-    return 0
+    return code
 
 
 if __name__ == "__main__":
     logging.getLogger("diffusers").setLevel(logging.ERROR)
-    sys.exit(main())
+    run_process(main)

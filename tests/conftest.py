@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,17 @@ def run_script(script: str, args: list[str], *, processes: int = 0, env: dict | 
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+def run_main(script: str, args: list[str], capsys) -> tuple[int, str]:
+    """Calls ``scripts/<script>``'s ``main(args)`` in this process: for the errors a script reports before it loads
+    a model (a subprocess would spend seconds importing torch and diffusers first). Returns (exit code, stderr)."""
+    main = runpy.run_path(str(REPO / "scripts" / script))["main"]
+    try:
+        code = main(args)
+    except SystemExit as stop:
+        code = stop.code
+    return code, capsys.readouterr().err
 
 
 def kill_tree(pid: int, sig: int = 9) -> None:

@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 
 from ddiff_core.checkpoint import MANIFEST, latest_checkpoint
 
-from .conftest import kill_tree, run_script, start_script, train_args
+from .conftest import kill_tree, run_main, run_script, start_script, train_args
 
 # Mid-epoch checkpoints (every 7 steps), accumulation, LR warm-up then decay, dropout (global RNG) on.
-RUN = ["--max_train_steps", "60", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "7",
+RUN = ["--max_train_steps", "36", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "7",
        "--lr_scheduler", "linear", "--lr_warmup_steps", "5", "--learning_rate", "1e-3", "--lora_dropout", "0.1",
        "--cache_latents", "--random_flip"]
 
@@ -31,18 +31,20 @@ def _assert_same_run(a, b):
     assert _log(a) == _log(b)  # the same loss and learning rate at every step
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["1proc", "2proc"])
+# One process is the plain script (accelerate launch adds only a parent process; test_train runs it that way);
+# two are accelerate launch with gloo DDP.
+@pytest.fixture(scope="module", params=[0, 2], ids=["1proc", "2proc"])
 def baseline(request, tiny_flux, tmp_path_factory):
     out = tmp_path_factory.mktemp("baseline") / "out"
     run_script("train_lora.py", train_args(tiny_flux, out, *RUN), processes=request.param)
     return request.param, out
 
 
-def _wait(proc, condition, what):
+def _wait(proc, condition, what, poll_s=0.05):
     while not condition():
         if proc.poll() is not None:
             raise AssertionError(f"run ended before {what}:\n{proc.stderr.read()[-3000:]}")
-        time.sleep(0.0002)
+        time.sleep(poll_s)
 
 
 @pytest.mark.parametrize("moment", ["after_checkpoint", "during_checkpoint"])
@@ -54,7 +56,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(baseline, tiny_flux, tm
         _wait(proc, lambda: (out / "checkpoint-14").exists(), "checkpoint-14")
     else:  # a checkpoint folder still being written
         _wait(proc, lambda: any(int(p.name.split("-")[1].split(".")[0]) >= 14 for p in out.glob(".checkpoint-*.tmp")),
-              "a checkpoint being written")
+              "a checkpoint being written", poll_s=0.0002)  # a write lasts milliseconds
     kill_tree(proc.pid, signal.SIGKILL)  # the launcher and every worker, at once
     proc.wait()
     assert not (out / "pytorch_lora_weights.safetensors").exists()
@@ -84,7 +86,7 @@ def test_signal_checkpoints_exits_nonzero_and_resumes(baseline, tiny_flux, tmp_p
     _assert_same_run(out, reference)
 
 
-def test_checkpoints_are_pruned_after_commit_and_latest_skips_broken_ones(tiny_flux, tmp_path, caplog):
+def test_checkpoints_are_pruned_after_commit_and_latest_skips_broken_ones(tiny_flux, tmp_path, caplog, capsys):
     out = tmp_path / "out"
     run_script("train_lora.py", train_args(tiny_flux, out, "--max_train_steps", "9", "--checkpointing_steps", "3",
                                            "--checkpoints_total_limit", "2"))
@@ -99,14 +101,13 @@ def test_checkpoints_are_pruned_after_commit_and_latest_skips_broken_ones(tiny_f
     assert latest_checkpoint(out).name == "checkpoint-6"
     assert "checkpoint-9: lora.safetensors is corrupt" in caplog.text
 
-    named = run_script("train_lora.py", train_args(tiny_flux, out, "--max_train_steps", "12", "--resume_from_checkpoint",
-                                                   str(out / "checkpoint-9")), check=False)
-    assert named.returncode == 2
-    assert "lora.safetensors is corrupt" in named.stderr.splitlines()[-1]
+    code, stderr = run_main("train_lora.py", train_args(tiny_flux, out, "--max_train_steps", "12",
+                                                        "--resume_from_checkpoint", str(out / "checkpoint-9")), capsys)
+    assert code == 2 and "lora.safetensors is corrupt" in stderr.splitlines()[-1]
     (out / "checkpoint-6" / "optimizer.bin").unlink()
-    named = run_script("train_lora.py", train_args(tiny_flux, out, "--resume_from_checkpoint", str(out / "checkpoint-6")),
-                       check=False)
-    assert named.returncode == 2 and "is missing optimizer.bin" in named.stderr.splitlines()[-1]
+    code, stderr = run_main("train_lora.py", train_args(tiny_flux, out, "--resume_from_checkpoint", str(out / "checkpoint-6")),
+                            capsys)
+    assert code == 2 and "is missing optimizer.bin" in stderr.splitlines()[-1]
 
 
 def test_validation_does_not_change_the_trained_lora(tiny_flux, tmp_path):

@@ -68,8 +68,10 @@ def served(tiny_flux, tmp_path_factory):
     server.stop()
 
 
-def _pixels(path):
-    return torch.tensor(list(Image.open(path).convert("RGB").getdata()), dtype=torch.float32)
+def _pixels(image):
+    """An image file (what the web API returns) or a PIL image, as float pixels."""
+    image = image if isinstance(image, Image.Image) else Image.open(image)
+    return torch.tensor(list(image.convert("RGB").getdata()), dtype=torch.float32)
 
 
 def test_compare_gives_base_and_lora_for_the_same_seed(served):
@@ -133,30 +135,25 @@ def test_a_new_lora_is_picked_up_without_restart(served, tiny_flux):
     assert (_pixels(base) - _pixels(lora)).abs().max() > 0
 
 
-def test_blind_vote_lands_in_sqlite_and_survives_a_restart(tiny_flux, tmp_path):
-    loras = make_loras(tiny_flux, tmp_path / "loras", ["nolan-style"])
-    votes = tmp_path / "votes.sqlite"
-    server = Server(tiny_flux, loras, votes)
-    try:
-        left, right, token = server.call("/blind", "a bridge", "nolan-style", 5, 2, 64, 3.5)
-        assert Path(left).exists() and Path(right).exists() and len(token) == 32
-        winner, table = server.call("/vote", token, "left")
-        assert winner in ("base", "lora")
-        with pytest.raises(Exception, match="already been voted"):
-            server.call("/vote", token, "right")
-        with pytest.raises(Exception, match="unknown or expired"):
-            server.call("/vote", "0" * 32, "left")
-    finally:
-        server.stop()
-    with sqlite3.connect(votes) as db:
+def test_blind_vote_lands_in_sqlite_and_survives_a_restart(served, tiny_flux):
+    server, loras, root = served
+    left, right, token = server.call("/blind", "a bridge", "nolan-style", 5, 2, 64, 3.5)
+    assert Path(left).exists() and Path(right).exists() and len(token) == 32
+    winner, table = server.call("/vote", token, "left")
+    assert winner in ("base", "lora")
+    with pytest.raises(Exception, match="already been voted"):
+        server.call("/vote", token, "right")
+    with pytest.raises(Exception, match="unknown or expired"):
+        server.call("/vote", "0" * 32, "left")
+    with sqlite3.connect(root / "votes.sqlite") as db:
         assert db.execute("SELECT lora, winner FROM votes").fetchall() == [("nolan-style", winner)]
-    server = Server(tiny_flux, loras, votes)
+    fresh = Server(tiny_flux, loras, root / "votes.sqlite")  # a new process on the same file: a restart
     try:
-        _, _, token = server.call("/blind", "a bridge", "nolan-style", 6, 2, 64, 3.5)
-        _, table = server.call("/vote", token, "right")
-        assert table["data"][0][:2] == ["nolan-style", 2]  # both votes counted after the restart
+        _, _, token = fresh.call("/blind", "a bridge", "nolan-style", 6, 2, 64, 3.5)
+        _, table = fresh.call("/vote", token, "right")
+        assert table["data"][0][:2] == ["nolan-style", 2]  # the vote cast before the restart is counted
     finally:
-        server.stop()
+        fresh.stop()
 
 
 def test_refuses_a_public_address_without_auth(tiny_flux, tmp_path):
@@ -195,13 +192,20 @@ def test_page_in_a_real_browser(served, tmp_path):
 
 @pytest.mark.parametrize("family", ["sd3", "sdxl", "sd15"])
 def test_serves_every_family(family, tmp_path):
+    """The adapter bank on each family's pipeline, in this process (the web layer is the one tested above)."""
+    from ddiff_core.families import get_family
+    from ddiff_core.serving.adapters import LoraCatalog
+    from ddiff_core.serving.app import StyleServer
+    from ddiff_core.serving.votes import VoteStore
     from ddiff_core.tiny import save_tiny_pipeline
 
     model = save_tiny_pipeline(family, tmp_path / "model")
     make_loras(model, tmp_path / "loras", ["lynch-style"], family)
-    server = Server(model, tmp_path / "loras", tmp_path / "votes.sqlite")
-    try:
-        base, lora = server.call("/compare", "a diner", "lynch-style", 0, 2, 64, 3.5)
-        assert (_pixels(base) - _pixels(lora)).abs().max() > 0
-    finally:
-        server.stop()
+    fam = get_family(family)
+    pipeline = fam.load_pipeline(str(model), dtype=torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    server = StyleServer(pipeline, LoraCatalog(tmp_path / "loras"), VoteStore(tmp_path / "votes.sqlite"),
+                         prompt_kwargs=fam.prompt_kwargs(32))
+    base, lora = server.compare("a diner", "lynch-style", 0, 2, 64, 3.5)
+    assert base.size == lora.size == (64, 64)
+    assert (_pixels(base) - _pixels(lora)).abs().max() > 0

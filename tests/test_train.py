@@ -8,7 +8,7 @@ from diffusers import FluxPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .conftest import REPO, run_script, train_args
+from .conftest import REPO, run_main, run_script, train_args
 
 
 def _generate(pipe):
@@ -80,7 +80,7 @@ def _bad_model(tmp_path):
     ("not_a_pipeline", "no model_index.json"),
     ("unknown_family", "no registered model family handles"),
 ])
-def test_bad_input_is_a_one_line_error_before_loading(tiny_flux, tmp_path, case, message):
+def test_bad_input_is_a_one_line_error_before_loading(tiny_flux, tmp_path, capsys, case, message):
     args = train_args(tiny_flux, tmp_path / "out")
     data = tmp_path / "data"
     if case == "missing_dir":
@@ -103,8 +103,8 @@ def test_bad_input_is_a_one_line_error_before_loading(tiny_flux, tmp_path, case,
         args += ["--pretrained_model_name_or_path", str(tmp_path)]
     elif case == "unknown_family":
         args += _bad_model(tmp_path)
-    result = run_script("train_lora.py", args, check=False)
-    assert result.returncode == 2, result.stderr[-2000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and message in last, result.stderr[-2000:]
-    assert "Loading pipeline components" not in result.stderr + result.stdout
+    code, stderr = run_main("train_lora.py", args, capsys)
+    assert code == 2, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, stderr[-2000:]
+    assert "Loading pipeline components" not in stderr

@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
-
 
 class FlowMatchingSampler:
     """Samples timesteps/sigmas on the scheduler's training grid, as the upstream examples do."""
