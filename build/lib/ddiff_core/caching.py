@@ -1,0 +1,162 @@
+"""Latent and text-embedding caches: computed once per record, keyed by record index, fingerprinted, on disk.
+
+A cache file is named by a fingerprint of everything its values depend on (model, data, resolution,
+settings); a later run with the same fingerprint reuses it, any change builds a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+
+
+def fingerprint(payload: dict) -> str:
+    """A short stable hash of a JSON-able description."""
+    blob = json.dumps({"format": CACHE_FORMAT, **payload}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def model_description(model_path: str, revision: str | None = None, variant: str | None = None) -> dict:
+    """What identifies a model's weights: for a local folder, its configs and weight files' sizes and times."""
+    root = Path(model_path)
+    if not root.is_dir():
+        return {"model": model_path, "revision": revision, "variant": variant}
+    files = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            rel = str(path.relative_to(root))
+            files[rel] = path.read_text() if path.suffix == ".json" else (stat.st_size, stat.st_mtime_ns)
+    return {"model": str(root.resolve()), "files": files, "variant": variant}
+
+
+def records_description(records, with_images: bool, with_captions: bool) -> list:
+    rows = []
+    for r in records:
+        row = []
+        if with_images:
+            if r.path is not None:
+                stat = r.path.stat()
+                row += [str(r.path.resolve()), stat.st_size, stat.st_mtime_ns]
+            else:
+                row += [r.row]
+        if with_captions:
+            row.append(r.caption)
+        rows.append(row)
+    return rows
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+class FeatureCache:
+    """Named tensors whose first dimension is the record index."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], path: Path | None = None, reused: bool = False):
+        self.tensors, self.path, self.reused = tensors, path, reused
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def lookup(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: value[indices] for name, value in self.tensors.items()}
+
+    @classmethod
+    def load_or_build(
+        cls, path: Path, key: str, num_records: int, build: Callable[[], dict[str, torch.Tensor]]
+    ) -> "FeatureCache":
+        """Loads ``path`` when it holds this fingerprint ``key`` for ``num_records`` records; else builds and saves it."""
+        if path.is_file():
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    meta = f.metadata() or {}
+                    if meta.get("fingerprint") == key and int(meta.get("num_records", -1)) == num_records:
+                        return cls({name: f.get_tensor(name) for name in f.keys()}, path, reused=True)
+                logger.warning("cache %s does not match this run; rebuilding it", path)
+            except Exception as err:  # a corrupt cache is rebuilt, never trusted
+                logger.warning("cache %s is unreadable (%s); rebuilding it", path, err)
+        tensors = build()
+        for name, value in tensors.items():
+            if value.shape[0] != num_records:
+                raise RuntimeError(f"cache tensor {name} has {value.shape[0]} rows for {num_records} records")
+        _atomic_save(tensors, path, {"fingerprint": key, "num_records": str(num_records)})
+        return cls(tensors, path)
+
+
+def _batched(indices: list[int], size: int) -> Iterable[list[int]]:
+    for start in range(0, len(indices), size):
+        yield indices[start : start + size]
+
+
+def build_latent_cache(family, vae, dataset, path: Path, key: str, batch_size: int = 4, show_progress: bool = True) -> FeatureCache:
+    """VAE latent distributions (raw ``[mean, logvar]``) for every record, encoded once."""
+
+    def build():
+        params = []
+        indices = list(range(dataset.num_records))
+        for chunk in tqdm(list(_batched(indices, batch_size)), desc="caching latents", disable=not show_progress):
+            pixels = torch.stack([dataset.pixels(i) for i in chunk])
+            params.append(family.encode_images(vae, pixels).float().cpu())
+        return {"latent_dist": torch.cat(params)}
+
+    return FeatureCache.load_or_build(path, key, dataset.num_records, build)
+
+
+def build_text_cache(family, components, captions: list[str], path: Path, key: str, *, device, max_sequence_length: int,
+                     batch_size: int = 8, show_progress: bool = True) -> FeatureCache:
+    """Text embeddings for every record; each distinct caption is encoded once."""
+
+    def build():
+        unique = list(dict.fromkeys(captions))
+        encoded: dict[str, list[torch.Tensor]] = {}
+        for chunk in tqdm(list(_batched(unique, batch_size)), desc="caching text embeddings", disable=not show_progress):
+            out = family.encode_prompts(components, chunk, device=device, max_sequence_length=max_sequence_length)
+            for name, value in out.items():
+                encoded.setdefault(name, []).append(value.cpu())
+        rows = {caption: i for i, caption in enumerate(unique)}
+        order = torch.tensor([rows[c] for c in captions])
+        return {name: torch.cat(parts)[order] for name, parts in encoded.items()}
+
+    return FeatureCache.load_or_build(path, key, len(captions), build)
+
+
+class TrainingFeatures:
+    """What one batch trains on: latent parameters and text embeddings, from a cache or computed now.
+
+    The loop asks this object; whether a cache exists is its business, not the loop's.
+    """
+
+    def __init__(self, family, components, *, device, max_sequence_length: int,
+                 latent_cache: FeatureCache | None = None, text_cache: FeatureCache | None = None):
+        self.family, self.components, self.device = family, components, device
+        self.max_sequence_length = max_sequence_length
+        self.latent_cache, self.text_cache = latent_cache, text_cache
+
+    def latent_params(self, batch: dict) -> torch.Tensor:
+        if self.latent_cache is not None:
+            return self.latent_cache.lookup(batch["indices"])["latent_dist"].to(self.device)
+        return self.family.encode_images(self.components["vae"], batch["pixels"].to(self.device)).float()
+
+    def text_embeds(self, batch: dict) -> dict[str, torch.Tensor]:
+        if self.text_cache is not None:
+            return {k: v.to(self.device) for k, v in self.text_cache.lookup(batch["indices"]).items()}
+        return self.family.encode_prompts(
+            self.components, batch["captions"], device=self.device, max_sequence_length=self.max_sequence_length
+        )

@@ -1,0 +1,229 @@
+"""TrainConfig: the training flags (upstream diffusers names and meanings), a strict YAML merge, checked once.
+
+An unknown flag, an unknown YAML key, a value of the wrong type or an unknown choice string is an error;
+nothing falls back to a default silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+# Timestep sampling / loss weighting of the flow-matching families (diffusers.training_utils names).
+WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
+
+
+class ConfigError(ValueError):
+    """A bad flag, key or value; the message is one line naming it."""
+
+
+def _opt(default, help: str, choices: tuple | None = None, **extra):
+    return field(default=default, metadata={"help": help, "choices": choices, **extra})
+
+
+@dataclass
+class TrainConfig:
+    # -- model -------------------------------------------------------------------------------
+    pretrained_model_name_or_path: str | None = _opt(None, "Local pipeline folder or hub id of the base model.")
+    revision: str | None = _opt(None, "Model revision (hub).")
+    variant: str | None = _opt(None, "Weights variant, e.g. fp16.")
+    model_family: str | None = _opt(None, "Model family; found from model_index.json when omitted.")
+    cache_dir: str | None = _opt(None, "Hugging Face download cache folder.")
+    # -- data --------------------------------------------------------------------------------
+    instance_data_dir: str | None = _opt(None, "Image folder: metadata.jsonl (file_name, text) or .txt captions.")
+    dataset_name: str | None = _opt(None, "datasets.load_dataset name or local folder.")
+    dataset_config_name: str | None = _opt(None, "Config name for --dataset_name.")
+    image_column: str = _opt("image", "Image column of --dataset_name.")
+    caption_column: str | None = _opt(None, "Caption column (default 'text' for folders, none for datasets).")
+    instance_prompt: str | None = _opt(None, "Caption for images that have none.")
+    repeats: int = _opt(1, "How many times to repeat the training data.")
+    resolution: int = _opt(512, "Training resolution (square).")
+    center_crop: bool = _opt(False, "Center-crop instead of random crop.")
+    random_flip: bool = _opt(False, "Randomly flip images horizontally (fixed per image).")
+    dataloader_num_workers: int = _opt(0, "DataLoader worker processes.")
+    max_sequence_length: int = _opt(512, "Max T5 sequence length.")
+    cache_latents: bool = _opt(False, "Encode every image once with the VAE and cache the latents.")
+    cache_text_embeddings: bool = _opt(True, "Encode every caption once and cache it (text encoders are frozen).")
+    feature_cache_dir: str | None = _opt(None, "Where latent/text caches live (default OUTPUT_DIR/cache).")
+    # -- LoRA --------------------------------------------------------------------------------
+    rank: int = _opt(4, "LoRA rank.")
+    lora_alpha: int = _opt(4, "LoRA alpha.")
+    lora_dropout: float = _opt(0.0, "LoRA dropout.")
+    lora_layers: str | None = _opt(None, "A preset name or comma-separated module names to adapt.")
+    lora_format: str = _opt("diffusers", "'kohya' also writes pytorch_lora_weights_kohya.safetensors (SD1.5/SDXL).",
+                            ("diffusers", "kohya"))
+    # -- optimisation ------------------------------------------------------------------------
+    train_batch_size: int = _opt(4, "Batch size per device.")
+    num_train_epochs: int = _opt(1, "Epochs (ignored when --max_train_steps is set).")
+    max_train_steps: int | None = _opt(None, "Total optimizer steps; overrides --num_train_epochs.")
+    gradient_accumulation_steps: int = _opt(1, "Micro-batches per optimizer step.")
+    gradient_checkpointing: bool = _opt(False, "Recompute activations in backward to save memory.")
+    learning_rate: float = _opt(1e-4, "Initial learning rate.")
+    scale_lr: bool = _opt(False, "Scale the LR by batch size, accumulation steps and processes.")
+    lr_scheduler: str = _opt(
+        "constant",
+        "LR schedule.",
+        ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"),
+    )
+    lr_warmup_steps: int = _opt(500, "Warm-up steps of the LR schedule.")
+    lr_num_cycles: int = _opt(1, "Hard restarts for cosine_with_restarts.")
+    lr_power: float = _opt(1.0, "Power factor of the polynomial schedule.")
+    optimizer: str = _opt("AdamW", "Optimizer.", ("AdamW", "prodigy"), casefold=True)
+    adam_beta1: float = _opt(0.9, "Adam beta1.")
+    adam_beta2: float = _opt(0.999, "Adam beta2.")
+    adam_weight_decay: float = _opt(1e-4, "Weight decay.")
+    adam_epsilon: float = _opt(1e-8, "Adam epsilon.")
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm.")
+    mixed_precision: str | None = _opt(None, "Mixed precision (frozen weights in this dtype, LoRA in fp32).", ("no", "fp16", "bf16"))
+    allow_tf32: bool = _opt(False, "Allow TF32 matmuls on Ampere+ GPUs.")
+    seed: int | None = _opt(None, "Seed for a reproducible run.")
+    # -- flow matching -----------------------------------------------------------------------
+    guidance_scale: float = _opt(3.5, "Guidance embedding value for guidance-distilled models (FLUX.1-dev).")
+    weighting_scheme: str = _opt("none", "Timestep sampling / loss weighting.", WEIGHTING_SCHEMES)
+    logit_mean: float = _opt(0.0, "Mean for logit_normal.")
+    logit_std: float = _opt(1.0, "Std for logit_normal.")
+    mode_scale: float = _opt(1.29, "Scale for the mode weighting scheme.")
+    # -- epsilon / v-prediction families (SD1.5, SDXL) ------------------------------------------
+    snr_gamma: float | None = _opt(None, "Min-SNR loss weighting gamma (5.0 is the paper's choice).")
+    noise_offset: float = _opt(0.0, "Noise offset (UNet families).")
+    prediction_type: str | None = _opt(None, "Override the scheduler's prediction type.", ("epsilon", "v_prediction"))
+    # -- validation --------------------------------------------------------------------------
+    validation_prompt: str | None = _opt(None, "Prompt(s) for validation images; separate several with '|'.")
+    num_validation_images: int = _opt(4, "Images per validation prompt, generated in one batched call.")
+    validation_epochs: int = _opt(50, "Validate every N epochs.")
+    validation_steps: int | None = _opt(None, "Validate every N optimizer steps (instead of --validation_epochs).")
+    validation_inference_steps: int = _opt(28, "Denoising steps per validation image.")
+    validation_guidance_scale: float = _opt(3.5, "Guidance scale of validation images.")
+    # -- checkpoints -------------------------------------------------------------------------
+    checkpointing_steps: int = _opt(500, "Write a resumable checkpoint every N optimizer steps.")
+    checkpoints_total_limit: int | None = _opt(None, "Keep at most this many checkpoints (oldest pruned after a save).")
+    resume_from_checkpoint: str | None = _opt(None, "'latest' or a checkpoint folder to resume from.")
+    # -- output and logging ------------------------------------------------------------------
+    output_dir: str = _opt("ddiff-lora", "Where the LoRA, model card, logs and checkpoints go.")
+    report_to: str = _opt("tensorboard", "Tracker.", ("tensorboard", "wandb", "none"))
+    logging_dir: str = _opt("logs", "TensorBoard folder, relative to --output_dir.")
+
+    def validate(self) -> None:
+        """Checks values that need more than a type; raises ConfigError naming the problem."""
+        if not self.pretrained_model_name_or_path:
+            raise ConfigError("--pretrained_model_name_or_path is required")
+        if not self.instance_data_dir and not self.dataset_name:
+            raise ConfigError("one of --instance_data_dir or --dataset_name is required")
+        if self.instance_data_dir and self.dataset_name:
+            raise ConfigError("give only one of --instance_data_dir and --dataset_name")
+        positive = ("num_validation_images", "validation_epochs", "validation_inference_steps", "checkpointing_steps", "repeats", "train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "rank", "max_sequence_length")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_train_steps is not None and self.max_train_steps < 1:
+            raise ConfigError(f"--max_train_steps must be at least 1, got {self.max_train_steps}")
+        for name in ("validation_steps", "checkpoints_total_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.dataloader_num_workers < 0 or self.lr_warmup_steps < 0:
+            raise ConfigError("--dataloader_num_workers and --lr_warmup_steps must not be negative")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"--learning_rate must be positive, got {self.learning_rate}")
+
+    @property
+    def validation_prompts(self) -> list[str]:
+        return [p.strip() for p in (self.validation_prompt or "").split("|") if p.strip()]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _scalar_type(hint) -> type:
+    """``int | None`` -> int; ``str`` -> str."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0]
+    return hint
+
+
+_HINTS = typing.get_type_hints(TrainConfig)
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(name: str, value, source: str):
+    """Type-checks one value from YAML (the command line is typed by argparse) and normalizes choices."""
+    kind = _scalar_type(_HINTS[name])
+    meta = _FIELDS[name].metadata
+    if value is not None:
+        if kind is bool and not isinstance(value, bool):
+            raise ConfigError(f"{source}: {name} must be true or false, got {value!r}")
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if kind is float and isinstance(value, str):  # YAML reads 1e-4 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"{source}: {name} must be {kind.__name__}, got {value!r}")
+    choices = meta.get("choices")
+    if choices and value is not None:
+        if meta.get("casefold"):
+            matches = [c for c in choices if c.lower() == str(value).lower()]
+            value = matches[0] if matches else value
+        if value not in choices:
+            raise ConfigError(f"{source}: {name} {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors become one-line ConfigErrors
+        raise ConfigError(message)
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(description=description, allow_abbrev=False)
+    parser.add_argument("--config", help="YAML file holding any of these keys; the command line overrides it.")
+    for name, f in _FIELDS.items():
+        kind = _scalar_type(_HINTS[name])
+        meta = f.metadata
+        if kind is bool:
+            parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
+        else:
+            parser.add_argument(f"--{name}", type=kind, default=None, help=meta["help"])
+    return parser
+
+
+def parse_config(argv: list[str] | None = None, description: str | None = None) -> TrainConfig:
+    """Command line (and ``--config`` YAML) -> a validated TrainConfig.
+
+    Raises:
+        ConfigError: an unknown flag or key, a wrong type, an unknown choice, or a missing requirement.
+    """
+    args = build_parser(description).parse_args(argv)
+    values: dict = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise ConfigError(f"--config {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config {path} is not valid YAML: {str(err).splitlines()[0]}") from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {path} must hold a mapping of flag names to values")
+        for key, value in loaded.items():
+            key = str(key).replace("-", "_")
+            if key not in _FIELDS:
+                raise ConfigError(f"--config {path}: unknown key {key!r}")
+            values[key] = _coerce(key, value, f"--config {path}")
+    for key in _FIELDS:
+        value = getattr(args, key)
+        if value is not None:
+            values[key] = _coerce(key, value, f"--{key}")
+    config = TrainConfig(**values)
+    config.validate()
+    return config

@@ -1,0 +1,158 @@
+"""What a model family answers: the facts that upstream scripts inline, behind one interface.
+
+Nothing outside ``families/`` asks a model which family it is; the training loop, caches,
+validation and serving only call these methods.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from ddiff_core.latents import LatentNorm
+
+
+class ModelFamily(ABC):
+    """A diffusers model family (FLUX, SD3, ...), as a plugin.
+
+    Components are the pipeline's own ``components`` dict (``transformer``/``unet``, ``vae``,
+    ``text_encoder``..., ``tokenizer``..., ``scheduler``); a family reads and assembles them.
+    """
+
+    name: ClassVar[str]
+    #: ``_class_name`` values in ``model_index.json`` that this family claims.
+    pipeline_class_names: ClassVar[tuple[str, ...]]
+    #: The diffusers pipeline class, as "module:Class" (imported lazily).
+    pipeline_class_path: ClassVar[str]
+    #: The trained network's component name ("transformer" or "unet").
+    denoiser_name: ClassVar[str] = "transformer"
+    text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    #: LoRA target presets: name -> PEFT ``target_modules`` (list of suffixes, or a full-match regex).
+    lora_presets: ClassVar[dict[str, list[str] | str]]
+    default_lora_preset: ClassVar[str]
+    #: Image sides must be a multiple of this (VAE downsampling times latent packing).
+    resolution_multiple: ClassVar[int] = 8
+    #: Key prefix for diffusers' PEFT -> kohya conversion; None where diffusers cannot convert.
+    kohya_prefix: ClassVar[str | None] = None
+    #: Epsilon/v-prediction families take --snr_gamma, --noise_offset and --prediction_type.
+    noise_prediction: ClassVar[bool] = False
+    #: Validation uses classifier-free guidance, so empty-prompt embeddings are encoded too.
+    uses_cfg: ClassVar[bool] = False
+
+    # -- loading ---------------------------------------------------------------------------
+    @property
+    def pipeline_class(self) -> type:
+        module, _, attr = self.pipeline_class_path.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def load_components(
+        self, path: str, *, revision: str | None = None, variant: str | None = None, dtype: torch.dtype = torch.float32
+    ) -> dict[str, Any]:
+        """Loads every component of the pipeline at ``path`` (frozen, eval mode)."""
+        pipe = self.pipeline_class.from_pretrained(path, revision=revision, variant=variant, dtype=dtype)
+        components = dict(pipe.components)
+        for module in components.values():
+            if isinstance(module, torch.nn.Module):
+                module.requires_grad_(False).eval()
+        return components
+
+    def load_pipeline(self, path: str, **kwargs):
+        """The stock pipeline for inference (serving)."""
+        return self.pipeline_class.from_pretrained(path, **kwargs)
+
+    def assemble_pipeline(self, components: dict[str, Any]):
+        """A pipeline over components already in memory (no load, no copy)."""
+        return self.pipeline_class(**components)
+
+    def check_resolution(self, resolution: int) -> None:
+        """Raises ValueError when the family cannot train at ``resolution``."""
+        if resolution <= 0 or resolution % self.resolution_multiple:
+            raise ValueError(
+                f"--resolution {resolution} is not a positive multiple of {self.resolution_multiple}, "
+                f"which {self.name} needs"
+            )
+
+    # -- latents ---------------------------------------------------------------------------
+    def latent_norm(self, vae_config) -> LatentNorm:
+        return LatentNorm.from_vae_config(vae_config)
+
+    @torch.no_grad()
+    def encode_images(self, vae, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] -> the VAE's latent distribution parameters ``[mean, logvar]`` (raw space)."""
+        return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters
+
+    @torch.no_grad()
+    def decode_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """Normalized latents -> pixels in [0, 1] (B, 3, H, W), through the one LatentNorm."""
+        raw = self.latent_norm(vae.config).denormalize(latents.to(vae.device, vae.dtype))
+        return (vae.decode(raw, return_dict=False)[0] / 2 + 0.5).clamp(0, 1)
+
+    def decode_pipeline_latents(self, pipeline, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """What a pipeline returns for ``output_type="latent"`` -> pixels in [0, 1]."""
+        return self.decode_latents(pipeline.vae, latents)
+
+    # -- text ------------------------------------------------------------------------------
+    @abstractmethod
+    def encode_prompts(
+        self, components: dict[str, Any], prompts: list[str], *, device: torch.device, max_sequence_length: int
+    ) -> dict[str, torch.Tensor]:
+        """Prompts -> named embedding tensors, batch first (what the denoiser is conditioned on)."""
+
+    def prompt_kwargs(self, max_sequence_length: int) -> dict:
+        """Extra text arguments the family's pipeline takes with a prompt (T5 families: the sequence length)."""
+        return {}
+
+    def validation_embeds(self, components, prompts: list[str], *, device, max_sequence_length: int) -> dict:
+        """Embeddings the pipeline needs for validation images, encoded once so the encoders can be freed;
+        families that validate with classifier-free guidance get empty-prompt ``negative_*`` embeddings too."""
+        embeds = self.encode_prompts(components, prompts, device=device, max_sequence_length=max_sequence_length)
+        if not self.uses_cfg:
+            return embeds
+        empty = self.encode_prompts(components, [""] * len(prompts), device=device,
+                                    max_sequence_length=max_sequence_length)
+        return {**embeds, **{f"negative_{k}": v for k, v in empty.items()}}
+
+    def prepare_training(self, components: dict[str, Any]) -> None:
+        """Per-run set-up from the loaded components (timestep grids, scale factors)."""
+
+    def check_config(self, config) -> None:
+        """Raises ValueError for settings that do not apply to this family."""
+        if getattr(config, "lora_format", "diffusers") == "kohya" and self.kohya_prefix is None:
+            raise ValueError(f"--lora_format kohya is not available for {self.name}: diffusers has no converter for it")
+        if not self.noise_prediction:
+            for flag in ("snr_gamma", "noise_offset", "prediction_type"):
+                if getattr(config, flag, None):
+                    raise ValueError(f"--{flag} applies to epsilon/v-prediction families, not {self.name}")
+
+    # -- training --------------------------------------------------------------------------
+    @abstractmethod
+    def training_loss(
+        self, denoiser, latents: torch.Tensor, embeds: dict[str, torch.Tensor], generator: torch.Generator, config
+    ) -> torch.Tensor:
+        """One diffusion training loss on normalized latents; all randomness from ``generator``."""
+
+    def lora_target_modules(self, lora_layers: str | None) -> list[str] | str:
+        """A preset name or a comma-separated list of module names -> PEFT ``target_modules``."""
+        if not lora_layers:
+            return self.lora_presets[self.default_lora_preset]
+        if lora_layers in self.lora_presets:
+            return self.lora_presets[lora_layers]
+        return [name.strip() for name in lora_layers.split(",") if name.strip()]
+
+    def save_lora_weights(self, output_dir: str, lora_state: dict[str, torch.Tensor], lora_config_dict: dict) -> None:
+        """Writes ``pytorch_lora_weights.safetensors`` in the format the stock pipeline's ``load_lora_weights`` reads."""
+        self.pipeline_class.save_lora_weights(
+            output_dir,
+            **{f"{self.denoiser_name}_lora_layers": lora_state},
+            **{f"{self.denoiser_name}_lora_adapter_metadata": lora_config_dict},
+        )
+
+    # -- tests -----------------------------------------------------------------------------
+    tiny_variants: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def build_tiny(self, size: str = "tiny", seed: int = 0, variant: str | None = None):
+        """A random-weight pipeline of this family, built locally (nothing from the hub)."""

@@ -1,0 +1,1 @@
+"""Serving: one pipeline holding every LoRA as a named adapter."""

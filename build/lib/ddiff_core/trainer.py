@@ -1,0 +1,422 @@
+"""The LoRA training run: setup from a TrainConfig, the optimizer-step loop, and the outputs.
+
+The loop knows nothing of any model family; it asks the family plugin for the loss and the
+TrainingFeatures object for each batch's latents and text embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
+from tqdm.auto import tqdm
+
+from ddiff_core.caching import (
+    TrainingFeatures,
+    build_latent_cache,
+    build_text_cache,
+    fingerprint,
+    model_description,
+    records_description,
+)
+from ddiff_core.checkpoint import Checkpointer, latest_checkpoint, verify_checkpoint
+from ddiff_core.config import ConfigError, TrainConfig
+from ddiff_core.data import DataError, EpochBatchSampler, ImageCaptionDataset, collate, load_records, screen_records
+from ddiff_core.families import resolve_family
+from ddiff_core.latents import sample_latents
+from ddiff_core.lora import (add_lora, lora_digest, lora_state_dict, save_kohya_copy, save_lora, trigger_phrase,
+                             write_model_card)
+from ddiff_core.profiling import NullProfiler, peak_memory_mb
+from ddiff_core.validation import ValidationRunner
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM/SIGINT: the current step finished and a checkpoint was written."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class NonFiniteLoss(RuntimeError):
+    """A NaN or infinite loss; nothing was stepped or written with it."""
+
+
+class TrainingRNG:
+    """The training stream's generator (latent draws, noise, timesteps), checkpointable with the run."""
+
+    def __init__(self, device: torch.device, seed: int):
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def state_dict(self) -> dict:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["state"])
+
+
+def compute_loss(family, denoiser, features: TrainingFeatures, latent_norm, batch: dict, generator: torch.Generator,
+                 config, weight_dtype: torch.dtype) -> torch.Tensor:
+    """The training loss of one micro-batch: draw latents, normalize them once, ask the family."""
+    latents = latent_norm.normalize(sample_latents(features.latent_params(batch), generator))
+    embeds = {k: v.to(weight_dtype) for k, v in features.text_embeds(batch).items()}
+    return family.training_loss(denoiser, latents.to(weight_dtype), embeds, generator, config)
+
+
+def build_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "prodigy":
+        try:
+            import prodigyopt
+        except ImportError as err:
+            raise ConfigError("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt") from err
+        return prodigyopt.Prodigy(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    return torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                             weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+
+
+class LoraTrainer:
+    """One training run. ``setup()`` checks inputs and builds everything, ``train()`` runs, ``save()`` writes."""
+
+    def __init__(self, config: TrainConfig, profiler=None):
+        self.config = config
+        self.profiler = profiler or NullProfiler()
+        self.output_dir = Path(config.output_dir)
+        self.global_step = 0
+        self.metrics_file = self.output_dir / "metrics.jsonl"
+
+    # -- setup -------------------------------------------------------------------------------
+    def check_inputs(self) -> None:
+        """Everything that can be checked before a model is loaded: family, resolution, data."""
+        cfg = self.config
+        self.family = resolve_family(cfg.pretrained_model_name_or_path, cfg.model_family)
+        self.family.check_resolution(cfg.resolution)
+        self.family.check_config(cfg)
+        if cfg.resume_from_checkpoint and cfg.resume_from_checkpoint != "latest":
+            verify_checkpoint(Path(cfg.resume_from_checkpoint))  # a named checkpoint must be whole: fail now
+        if cfg.optimizer == "prodigy":
+            build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)  # fails fast when prodigyopt is missing
+        records, self.hf_dataset = load_records(cfg)
+        self.records, skipped = screen_records(records, self.hf_dataset, cfg.image_column)
+        if skipped:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            report = self.output_dir / "skipped_images.txt"
+            report.write_text("".join(f"{name}\t{reason}\n" for name, reason in skipped))
+            logger.warning("skipped %d unusable images; see %s", len(skipped), report)
+        if not self.records:
+            source = cfg.instance_data_dir or cfg.dataset_name
+            raise DataError(f"no usable images in {source}: all {len(skipped)} were skipped (see skipped_images.txt)")
+
+    def setup(self) -> "LoraTrainer":
+        cfg = self.config
+        self.check_inputs()
+        log_with = None if cfg.report_to == "none" else cfg.report_to
+        self.accelerator = acc = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            log_with=log_with,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / cfg.logging_dir)),
+        )
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if acc.is_main_process else logging.WARNING)
+        if cfg.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        seed = cfg.seed
+        if seed is None:  # an unseeded run still needs one seed shared by every process
+            seed = [int(time.time_ns() % 2**31)]
+            broadcast_object_list(seed)
+            seed = seed[0]
+        self.seed = seed
+        set_seed(seed)
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.weight_dtype = WEIGHT_DTYPES.get(acc.mixed_precision, torch.float32)
+        device = acc.device
+
+        # Frozen components in the weight dtype; the LoRA stays fp32.
+        self.components = self.family.load_components(
+            cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant, dtype=self.weight_dtype
+        )
+        for module in self.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.to(device)
+        self.family.prepare_training(self.components)
+        self.latent_norm = self.family.latent_norm(self.components["vae"].config)
+
+        self.dataset = ImageCaptionDataset(
+            self.records, resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
+            seed=seed, repeats=cfg.repeats, dataset=self.hf_dataset, image_column=cfg.image_column,
+            with_pixels=not cfg.cache_latents,
+        )
+        denoiser = self.components[self.family.denoiser_name]
+        self.features = self._build_features(device, denoiser)
+        self.lora_config = add_lora(denoiser, self.family, rank=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                    lora_layers=cfg.lora_layers)
+        if cfg.gradient_checkpointing:
+            denoiser.enable_gradient_checkpointing()
+        for param in denoiser.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+        self.params = [p for p in denoiser.parameters() if p.requires_grad]
+
+        self.sampler = EpochBatchSampler(len(self.dataset), cfg.train_batch_size, seed=seed,
+                                         num_replicas=acc.num_processes, rank=acc.process_index)
+        workers = cfg.dataloader_num_workers
+        self.dataloader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=workers,
+            pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+            # Its own generator: creating an iterator each epoch must not draw from the global RNG (dropout's),
+            # or a run resumed mid-epoch would see different dropout masks.
+            generator=torch.Generator().manual_seed(seed),
+        )
+        self.batches_per_epoch = self.sampler.batches_per_replica()
+        self.updates_per_epoch = math.ceil(self.batches_per_epoch / cfg.gradient_accumulation_steps)
+        self.max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * self.updates_per_epoch
+        self.num_epochs = math.ceil(self.max_train_steps / self.updates_per_epoch)
+
+        lr = cfg.learning_rate
+        if cfg.scale_lr:
+            lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * acc.num_processes
+        optimizer = build_optimizer(self.params, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = lr
+        self.denoiser, self.optimizer = acc.prepare(denoiser, optimizer)
+        # Not prepared on purpose: a prepared scheduler steps once per process (accelerate #2142);
+        # this one steps exactly once per optimizer step on every process.
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(
+            cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+            num_training_steps=self.max_train_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power,
+        )
+        self.rng = TrainingRNG(device, seed + acc.process_index)  # different noise on every process
+        acc.register_for_checkpointing(self.lr_scheduler)
+        self.checkpointer = Checkpointer(acc, self.output_dir, total_limit=cfg.checkpoints_total_limit)
+        if cfg.resume_from_checkpoint:
+            self._resume()
+        if self.global_step == 0 and acc.is_main_process and self.metrics_file.exists():
+            self.metrics_file.unlink()  # a fresh run into an old folder: its step log starts over
+        if acc.is_main_process:
+            flat = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
+            acc.init_trackers("ddiff", config=flat)
+        return self
+
+    def _resume(self) -> None:
+        cfg = self.config
+        path = cfg.resume_from_checkpoint
+        path = latest_checkpoint(self.output_dir) if path == "latest" else Path(path)
+        if path is None:
+            logger.warning("no complete checkpoint in %s; starting a new run", self.output_dir)
+            return
+        self.global_step, rng_state = self.checkpointer.load(path)
+        self.rng.load_state_dict(rng_state)
+        if self.accelerator.is_main_process and self.metrics_file.exists():
+            # Steps logged after the checkpoint by the interrupted run are trained again: drop them.
+            kept = [line for line in self.metrics_file.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= self.global_step]
+            tmp = self.metrics_file.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.metrics_file)
+        logger.info("resumed from %s at step %d", path, self.global_step)
+
+    def _build_features(self, device, denoiser) -> TrainingFeatures:
+        cfg, family, acc = self.config, self.family, self.accelerator
+        cache_dir = Path(cfg.feature_cache_dir or self.output_dir / "cache")
+        model = model_description(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
+        show = acc.is_local_main_process
+        latent_cache = text_cache = None
+        # The main process builds (or finds) each cache; the others then read the same file.
+        with acc.main_process_first():
+            if cfg.cache_latents:
+                key = fingerprint({"kind": "latents", "family": family.name, "model": model, "dtype": str(self.weight_dtype),
+                                   "data": records_description(self.records, True, False), "resolution": cfg.resolution,
+                                   "center_crop": cfg.center_crop, "random_flip": cfg.random_flip, "seed": self.seed})
+                latent_cache = build_latent_cache(family, self.components["vae"], self.dataset,
+                                                  cache_dir / f"latents-{key}.safetensors", key, show_progress=show)
+            if cfg.cache_text_embeddings:
+                captions = [r.caption for r in self.records]
+                key = fingerprint({"kind": "text", "family": family.name, "model": model, "dtype": str(self.weight_dtype),
+                                   "captions": captions, "max_sequence_length": cfg.max_sequence_length})
+                text_cache = build_text_cache(family, self.components, captions, cache_dir / f"text-{key}.safetensors",
+                                              key, device=device, max_sequence_length=cfg.max_sequence_length, show_progress=show)
+        self.validator = None
+        if cfg.validation_prompts and acc.is_main_process:
+            # Assembled now, while the text encoders are still loaded; it keeps the VAE for decoding.
+            self.validator = ValidationRunner(
+                family, self.components, denoiser, cfg.validation_prompts, num_images=cfg.num_validation_images,
+                seed=self.seed, resolution=cfg.resolution, num_inference_steps=cfg.validation_inference_steps,
+                guidance_scale=cfg.validation_guidance_scale, max_sequence_length=cfg.max_sequence_length,
+                output_dir=self.output_dir, device=device, dtype=self.weight_dtype,
+            )
+        # Free what the caches cover: the training step never touches these again.
+        if latent_cache is not None and self.validator is None:  # validation decodes with the VAE
+            self.components["vae"] = None
+        if text_cache is not None:
+            for name in family.text_encoder_names:
+                self.components[name] = None
+        if latent_cache is not None or text_cache is not None:
+            import gc
+
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        return TrainingFeatures(family, self.components, device=device, max_sequence_length=cfg.max_sequence_length,
+                                latent_cache=latent_cache, text_cache=text_cache)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def train(self) -> None:
+        acc, ga = self.accelerator, self.config.gradient_accumulation_steps
+        progress = tqdm(total=self.max_train_steps, initial=self.global_step, desc="training",
+                        disable=not acc.is_local_main_process)
+        start_epoch = self.global_step // self.updates_per_epoch
+        resume_batches = (self.global_step % self.updates_per_epoch) * ga
+        self.denoiser.train()
+        self._stop_signal = 0
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self._loop(progress, start_epoch, resume_batches)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            progress.close()
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum  # acted on after the current optimizer step
+
+    def _loop(self, progress, start_epoch: int, resume_batches: int) -> None:
+        cfg, acc = self.config, self.accelerator
+        ga = cfg.gradient_accumulation_steps
+        with self.profiler as profiler:
+            for epoch in range(start_epoch, self.num_epochs):
+                self.sampler.set_epoch(epoch, skip_batches=resume_batches if epoch == start_epoch else 0)
+                position = self.sampler.skip
+                group_losses, group_indices, step_start = [], [], time.perf_counter()
+                for batch in self.dataloader:
+                    group_start = position - position % ga
+                    group_len = min(ga, self.batches_per_epoch - group_start)
+                    last_in_group = position - group_start == group_len - 1
+                    position += 1
+                    # Gradients are all-reduced only on the micro-batch that ends an optimizer step.
+                    with nullcontext() if last_in_group else acc.no_sync(self.denoiser):
+                        with acc.autocast():
+                            loss = compute_loss(self.family, self.denoiser, self.features, self.latent_norm, batch,
+                                                self.rng.generator, cfg, self.weight_dtype)
+                        acc.backward(loss / group_len)
+                    group_losses.append(loss.detach())
+                    group_indices += batch["indices"].tolist()
+                    if not last_in_group:
+                        continue
+                    step_loss = acc.reduce(torch.stack(group_losses).mean(), reduction="mean").item()
+                    if not math.isfinite(step_loss):
+                        self._non_finite(step_loss, group_indices)
+                    if cfg.max_grad_norm > 0:
+                        acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.global_step += 1
+                    profiler.step()
+                    seconds = time.perf_counter() - step_start
+                    self._log_step(step_loss, seconds, group_len * cfg.train_batch_size * acc.num_processes)
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
+                    self._after_step()
+                    group_losses, group_indices, step_start = [], [], time.perf_counter()
+                    if self.global_step >= self.max_train_steps:
+                        break
+                if self.global_step >= self.max_train_steps:
+                    break
+                if not cfg.validation_steps and (epoch + 1) % cfg.validation_epochs == 0:
+                    self.validate()
+
+    def _after_step(self) -> None:
+        """Checkpoint, validation and stop requests, at an optimizer-step boundary."""
+        cfg, acc = self.config, self.accelerator
+        stop = self._stop_signal
+        if acc.num_processes > 1:  # every process must agree to stop at the same step
+            stop = int(acc.reduce(torch.tensor(stop, device=acc.device), reduction="sum").item())
+        if stop or self.global_step % cfg.checkpointing_steps == 0:
+            self.checkpointer.save(self.global_step, self.rng.state_dict(), self.params)
+        if cfg.validation_steps and self.global_step % cfg.validation_steps == 0:
+            self.validate()
+        if stop:
+            signum = self._stop_signal or signal.SIGTERM
+            raise TrainingInterrupted(
+                f"stopped by {signal.Signals(signum).name} after step {self.global_step}; checkpoint written. Resume with "
+                f"the same command plus --resume_from_checkpoint latest", signum)
+
+    def _non_finite(self, loss: float, indices: list[int]) -> None:
+        names = sorted({name for part in gather_object([[self.records[i].name for i in indices]]) for name in part})
+        raise NonFiniteLoss(f"non-finite loss ({loss}) at step {self.global_step + 1}; stopped before the optimizer "
+                            f"step; no checkpoint holds it. Files in that batch: {', '.join(names)}")
+
+    def validate(self) -> None:
+        """Validation images on the main process; the others wait."""
+        if self.validator is not None:
+            self.validator.run(self.global_step, self.accelerator.trackers)
+        self.accelerator.wait_for_everyone()
+
+    def _log_step(self, loss: float, seconds: float, samples: int) -> None:
+        record = {"step": self.global_step, "loss": loss, "lr": self.lr_scheduler.get_last_lr()[0],
+                  "step_time_s": seconds, "samples_per_s": samples / seconds}
+        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=self.global_step)
+        if self.accelerator.is_main_process:
+            with open(self.metrics_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # -- outputs -----------------------------------------------------------------------------
+    def save(self) -> Path | None:
+        """Writes the LoRA, its model card and the run's config (main process only)."""
+        acc = self.accelerator
+        denoiser = acc.unwrap_model(self.denoiser)
+        # Every process reports a digest of its LoRA; under DDP they must all be equal.
+        digests = gather_object([lora_digest(lora_state_dict(denoiser))])
+        if not acc.is_main_process:
+            return None
+        cfg = self.config
+        if len(set(digests)) > 1:
+            logger.error("LoRA weights differ between processes: %s", digests)
+        summary = {"global_step": self.global_step, "num_processes": acc.num_processes, "lora_sha256_per_process": digests,
+                   "peak_memory_mb": peak_memory_mb(acc.device)}
+        (self.output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        weights = save_lora(self.output_dir, self.family, denoiser, self.lora_config)
+        if cfg.lora_format == "kohya":
+            save_kohya_copy(self.output_dir, self.family, denoiser, self.lora_config)
+        if self.validator is not None:
+            self.validator.final_comparison()
+        trigger = trigger_phrase([r.caption for r in self.records], cfg.instance_prompt)
+        write_model_card(self.output_dir, family=self.family, base_model=cfg.pretrained_model_name_or_path, trigger=trigger,
+                         config_dict=cfg.to_dict(), lora_config=self.lora_config, global_step=self.global_step)
+        (self.output_dir / "training_config.yaml").write_text(
+            f"# accelerate launch scripts/train_lora.py --config {self.output_dir / 'training_config.yaml'}\n"
+            + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        )
+        return weights
+
+    def cleanup(self) -> None:
+        """Flushes the trackers. The process group is left to the end of the process (see ddiff_core.process.run_process)."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+
+    def summary(self) -> str:
+        peak = peak_memory_mb(self.accelerator.device)
+        return (
+            f"trained {self.global_step} steps; peak memory {peak:.0f} MiB\n"
+            f"  LoRA:        {self.output_dir / 'pytorch_lora_weights.safetensors'}\n"
+            f"  model card:  {self.output_dir / 'README.md'}\n"
+            f"  metrics:     {self.metrics_file}\n"
+            f"  TensorBoard: tensorboard --logdir {self.output_dir / self.config.logging_dir}"
+        )
+
