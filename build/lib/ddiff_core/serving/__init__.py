@@ -1,1 +1,0 @@
-"""Serving: one pipeline holding every LoRA as a named adapter."""
