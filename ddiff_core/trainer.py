@@ -406,7 +406,7 @@ class LoraTrainer:
         return weights
 
     def cleanup(self) -> None:
-        """Flushes the trackers. The process group is left to the end of the process (see ddiff_core.process.run_process)."""
+        """Flushes the trackers. The process group lives to the end of the process (see ddiff_core.process)."""
         for tracker in self.accelerator.trackers:
             tracker.finish()
 
@@ -419,4 +419,3 @@ class LoraTrainer:
             f"  metrics:     {self.metrics_file}\n"
             f"  TensorBoard: tensorboard --logdir {self.output_dir / self.config.logging_dir}"
         )
-

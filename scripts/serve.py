@@ -59,21 +59,16 @@ def main(argv=None) -> int:
 
     import torch
 
-    from ddiff_core.serving.adapters import LoraCatalog
     from ddiff_core.serving.app import StyleServer, build_app
-    from ddiff_core.serving.votes import VoteStore
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
         args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
-    catalog = LoraCatalog(args.lora_dir)
-    if not catalog.list():
+    server = StyleServer.load(family, args.pretrained_model_name_or_path, args.lora_dir, args.votes_db, device=device,
+                              dtype=dtype, max_sequence_length=args.max_sequence_length)
+    if not server.catalog.list():
         print(f"warning: no LoRA folders in {Path(args.lora_dir).resolve()} yet; they are picked up when they appear",
               file=sys.stderr)
-    pipeline = family.load_pipeline(args.pretrained_model_name_or_path, dtype=dtype).to(device)
-    pipeline.set_progress_bar_config(disable=True)
-    server = StyleServer(pipeline, catalog, VoteStore(args.votes_db),
-                         prompt_kwargs=family.prompt_kwargs(args.max_sequence_length))
     cuda = device.startswith("cuda")
     app = build_app(server, default_size=args.default_size or (512 if cuda else 128),
                     default_steps=args.default_steps or (28 if cuda else 4))

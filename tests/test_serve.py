@@ -194,18 +194,13 @@ def test_page_in_a_real_browser(served, tmp_path):
 def test_serves_every_family(family, tmp_path):
     """The adapter bank on each family's pipeline, in this process (the web layer is the one tested above)."""
     from ddiff_core.families import get_family
-    from ddiff_core.serving.adapters import LoraCatalog
     from ddiff_core.serving.app import StyleServer
-    from ddiff_core.serving.votes import VoteStore
     from ddiff_core.tiny import save_tiny_pipeline
 
     model = save_tiny_pipeline(family, tmp_path / "model")
     make_loras(model, tmp_path / "loras", ["lynch-style"], family)
-    fam = get_family(family)
-    pipeline = fam.load_pipeline(str(model), dtype=torch.float32)
-    pipeline.set_progress_bar_config(disable=True)
-    server = StyleServer(pipeline, LoraCatalog(tmp_path / "loras"), VoteStore(tmp_path / "votes.sqlite"),
-                         prompt_kwargs=fam.prompt_kwargs(32))
+    server = StyleServer.load(get_family(family), str(model), tmp_path / "loras", tmp_path / "votes.sqlite",
+                              max_sequence_length=32)
     base, lora = server.compare("a diner", "lynch-style", 0, 2, 64, 3.5)
     assert base.size == lora.size == (64, 64)
     assert (_pixels(base) - _pixels(lora)).abs().max() > 0

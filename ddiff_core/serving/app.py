@@ -75,6 +75,15 @@ class StyleServer:
         self.prompt_kwargs = prompt_kwargs or {}  # the family's extra text arguments
         self.bank = AdapterBank(pipeline, catalog)
 
+    @classmethod
+    def load(cls, family, model_path: str, lora_dir, votes_db, *, device: str = "cpu", dtype=torch.float32,
+             max_sequence_length: int = 512) -> "StyleServer":
+        """Loads the family's pipeline once and serves every LoRA folder under ``lora_dir`` from it."""
+        pipeline = family.load_pipeline(model_path, dtype=dtype).to(device)
+        pipeline.set_progress_bar_config(disable=True)
+        return cls(pipeline, LoraCatalog(lora_dir), VoteStore(votes_db),
+                   prompt_kwargs=family.prompt_kwargs(max_sequence_length))
+
     def styles(self) -> list[str]:
         return [item.name for item in self.catalog.list()]
 
