@@ -23,7 +23,7 @@ import torch
 
 from benchmarks.baselines import director_diffusion as before
 from ddiff_core.caching import FeatureCache, TrainingFeatures
-from ddiff_core.data import ImageCaptionDataset, collate, load_records
+from ddiff_core.data import ImageCaptionDataset, collate, load_records, screen_records
 from ddiff_core.families import get_family
 from ddiff_core.lora import add_lora
 from ddiff_core.tiny import save_tiny_lora
@@ -90,6 +90,13 @@ def _components(env: Env, dtype: torch.dtype | None = None):
     return family, components
 
 
+def _demo_records():
+    """The demo images, screened as the trainer screens them (sizes known, so crops need no decoding)."""
+    records, _ = load_records(SimpleNamespace(instance_data_dir=str(DEMO), dataset_name=None, caption_column=None,
+                                              instance_prompt=None))
+    return screen_records(records)[0]
+
+
 # -- training-step cases -------------------------------------------------------------------------
 def _training(env: Env, *, gradient_checkpointing: bool = False, weight_dtype: torch.dtype | None = None,
               cached: bool = True, free_encoders: bool | None = None):
@@ -105,8 +112,7 @@ def _training(env: Env, *, gradient_checkpointing: bool = False, weight_dtype: t
         p.data = p.data.float()
     denoiser.train()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    records, _ = load_records(SimpleNamespace(instance_data_dir=str(DEMO), dataset_name=None, caption_column=None,
-                                              instance_prompt=None))
+    records = _demo_records()
     dataset = ImageCaptionDataset(records, resolution=env.resolution, center_crop=True, with_pixels=not cached)
     indices = [0, 1]
     features = TrainingFeatures(family, comps, device=env.device, max_sequence_length=64)
@@ -130,8 +136,7 @@ def _training(env: Env, *, gradient_checkpointing: bool = False, weight_dtype: t
 
 def _step(t, loss_fn) -> None:
     t.optimizer.zero_grad(set_to_none=True)
-    with t.autocast:
-        loss = loss_fn()
+    loss = loss_fn()
     loss.backward()
     t.optimizer.step()
 
@@ -140,7 +145,7 @@ def _ddiff_step(t):
     def step():
         batch = collate([t.dataset[i] for i in t.indices])  # cached: no decoding; uncached: decode from disk
         _step(t, lambda: compute_loss(t.family, t.denoiser, t.features, t.latent_norm, batch, t.generator,
-                                      LOSS_SETTINGS, t.weight_dtype))
+                                      LOSS_SETTINGS, t.weight_dtype, autocast=t.autocast))
     return step
 
 
@@ -157,7 +162,7 @@ def vae_scaling(env: Env, variant: str):
     def step():
         _step(t, lambda: before.compute_loss_inline_scaling(
             t.family, t.denoiser, t.comps["vae"], t.features.latent_params(batch), t.features.text_embeds(batch),
-            t.generator, LOSS_SETTINGS, t.weight_dtype))
+            t.generator, LOSS_SETTINGS, t.weight_dtype, t.autocast))
     return step
 
 
@@ -302,9 +307,7 @@ def list_building(env: Env, variant: str):
 def dataloader(env: Env, variant: str):
     """DataLoader prefetching: one epoch of decoded images (48 items, batch 4), 0 workers vs 2 persistent workers
     with prefetch (and pinned memory on CUDA)."""
-    records, _ = load_records(SimpleNamespace(instance_data_dir=str(DEMO), dataset_name=None, caption_column=None,
-                                              instance_prompt=None))
-    dataset = ImageCaptionDataset(records, resolution=env.resolution, repeats=4)
+    dataset = ImageCaptionDataset(_demo_records(), resolution=env.resolution, repeats=4)
     cuda = torch.device(env.device).type == "cuda"
     if variant == "before":
         loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=collate)

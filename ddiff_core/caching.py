@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -18,9 +17,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ddiff_core.atomic import atomic_write
+
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: keyed by image content digests
 
 
 def fingerprint(payload: dict) -> str:
@@ -29,41 +30,9 @@ def fingerprint(payload: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def model_description(model_path: str, revision: str | None = None, variant: str | None = None) -> dict:
-    """What identifies a model's weights: for a local folder, its configs and weight files' sizes and times."""
-    root = Path(model_path)
-    if not root.is_dir():
-        return {"model": model_path, "revision": revision, "variant": variant}
-    files = {}
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            stat = path.stat()
-            rel = str(path.relative_to(root))
-            files[rel] = path.read_text() if path.suffix == ".json" else (stat.st_size, stat.st_mtime_ns)
-    return {"model": str(root.resolve()), "files": files, "variant": variant}
-
-
-def records_description(records, with_images: bool, with_captions: bool) -> list:
-    rows = []
-    for r in records:
-        row = []
-        if with_images:
-            if r.path is not None:
-                stat = r.path.stat()
-                row += [str(r.path.resolve()), stat.st_size, stat.st_mtime_ns]
-            else:
-                row += [r.row]
-        if with_captions:
-            row.append(r.caption)
-        rows.append(row)
-    return rows
-
-
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 class FeatureCache:

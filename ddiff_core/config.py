@@ -51,6 +51,7 @@ class TrainConfig:
     cache_latents: bool = _opt(False, "Encode every image once with the VAE and cache the latents.")
     cache_text_embeddings: bool = _opt(True, "Encode every caption once and cache it (text encoders are frozen).")
     feature_cache_dir: str | None = _opt(None, "Where latent/text caches live (default OUTPUT_DIR/cache).")
+    max_image_pixels: int = _opt(40_000_000, "Skip images with more pixels than this (decoding cost; default 40 MP).")
     # -- LoRA --------------------------------------------------------------------------------
     rank: int = _opt(4, "LoRA rank.")
     lora_alpha: int = _opt(4, "LoRA alpha.")
@@ -106,6 +107,7 @@ class TrainConfig:
     resume_from_checkpoint: str | None = _opt(None, "'latest' or a checkpoint folder to resume from.")
     # -- output and logging ------------------------------------------------------------------
     output_dir: str = _opt("ddiff-lora", "Where the LoRA, model card, logs and checkpoints go.")
+    overwrite_output_dir: bool = _opt(False, "Delete an earlier run's files in --output_dir before training.")
     report_to: str = _opt("tensorboard", "Tracker.", ("tensorboard", "wandb", "none"))
     logging_dir: str = _opt("logs", "TensorBoard folder, relative to --output_dir.")
 
@@ -117,7 +119,7 @@ class TrainConfig:
             raise ConfigError("one of --instance_data_dir or --dataset_name is required")
         if self.instance_data_dir and self.dataset_name:
             raise ConfigError("give only one of --instance_data_dir and --dataset_name")
-        positive = ("num_validation_images", "validation_epochs", "validation_inference_steps", "checkpointing_steps", "repeats", "train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "rank", "max_sequence_length")
+        positive = ("num_validation_images", "validation_epochs", "validation_inference_steps", "checkpointing_steps", "repeats", "train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "rank", "max_sequence_length", "max_image_pixels")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
@@ -130,6 +132,8 @@ class TrainConfig:
             raise ConfigError("--dataloader_num_workers and --lr_warmup_steps must not be negative")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.overwrite_output_dir and self.resume_from_checkpoint:
+            raise ConfigError("give only one of --overwrite_output_dir and --resume_from_checkpoint")
         if self.learning_rate <= 0:
             raise ConfigError(f"--learning_rate must be positive, got {self.learning_rate}")
 

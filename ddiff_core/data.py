@@ -6,7 +6,9 @@ with the wrong caption.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
@@ -18,9 +20,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ddiff_core.atomic import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+# Well below Pillow's 89.5 MP bomb limit: a 40 MP RGB image is already 120 MB decoded, per dataloader worker.
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 
 
 class DataError(ValueError):
@@ -39,22 +45,31 @@ class Record:
     caption: str
     path: Path | None = None
     row: int | None = None  # row in a datasets.Dataset
+    size: tuple[int, int] | None = None  # (width, height) of the decoded RGB image, set by screen_records
+    digest: str | None = None  # SHA-256 of the image's identity, set by screen_records; caches key on it
 
 
-def decode_image(source) -> Image.Image:
+def decode_image(source, max_pixels: int | None = None) -> Image.Image:
     """Opens and fully decodes an image as 8-bit RGB, or raises BadImage with the reason.
 
     Applies EXIF orientation, takes the first frame of animations, composites transparency onto
     white, converts CMYK, palette and 16-bit images, and rejects decompression bombs before decoding.
+
+    Args:
+        source: a path, a binary file object or an opened ``PIL.Image``.
+        max_pixels: reject images with more pixels than this, judged by the header, before decoding.
     """
     try:
         with warnings.catch_warnings():
             # Pillow warns between 1x and 2x its pixel limit and raises above; reject both, cheaply.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = source if isinstance(source, Image.Image) else Image.open(source)
+            _refuse_over_limit(image.size, max_pixels)  # from the header: nothing is decoded yet
             if getattr(image, "n_frames", 1) > 1:
                 image.seek(0)
             image.load()
+    except BadImage:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise BadImage(f"decompression bomb ({err})") from err
     except FileNotFoundError as err:
@@ -75,28 +90,94 @@ def decode_image(source) -> Image.Image:
     return image.convert("RGB")
 
 
+def _refuse_over_limit(size: tuple[int, int], max_pixels: int | None) -> None:
+    width, height = size
+    if max_pixels is not None and width * height > max_pixels:
+        raise BadImage(f"{width}x{height} = {width * height / 1e6:.1f} MP is over --max_image_pixels {max_pixels}")
+
+
+def _check_header(file, max_pixels: int | None) -> None:
+    """Raises BadImage when the header of an image file says it is over ``max_pixels``; any other problem is
+    left for decode_image to report."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            size = Image.open(file).size
+    except Exception:  # not an image, a bomb, truncated: decode_image names it
+        return
+    _refuse_over_limit(size, max_pixels)
+
+
+def _leads_outside(path: Path, folder: Path) -> bool:
+    """A symlink whose target is not inside ``folder``: a shared data folder must not read files elsewhere."""
+    return path.is_symlink() and not path.resolve().is_relative_to(folder.resolve())
+
+
+def read_metadata(folder: Path, caption_column: str | None = None) -> list[dict]:
+    """The rows of ``folder/metadata.jsonl`` in file order, each with every field it has; [] when there is none.
+
+    Training and captioning both read through here, so they agree on what a valid file is.
+
+    Args:
+        folder: the data folder.
+        caption_column: training's caption column: a value there that is present but not a string is an
+            error. Captioning passes None: rows it does not caption are kept as they are, whatever their types.
+
+    Raises:
+        DataError: naming the file (and line): a symlink leading outside ``folder``, a line that is not UTF-8
+            or not a JSON object with a string ``file_name``, or a caption that is not a string.
+    """
+    path = folder / "metadata.jsonl"
+    if _leads_outside(path, folder):
+        raise DataError(f"{path} is a symlink leading outside the data folder; refusing to read it")
+    if not path.is_file():
+        return []
+    rows = []
+    # Bytes, decoded line by line, so an encoding error names its line; utf-8-sig drops an editor's BOM.
+    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path} line {number} is not UTF-8 ({err.reason} at column {err.start + 1})") from err
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} line {number} is not JSON ({err.msg} at column {err.colno})") from err
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            raise DataError(f"{path} line {number}: needs a JSON object with a string file_name")
+        if caption_column is not None and caption_column in row and not isinstance(row[caption_column], str):
+            shown = json.dumps(row[caption_column])[:40]
+            raise DataError(f"{path} line {number}: column {caption_column!r} holds {shown}, not a string caption")
+        rows.append(row)
+    return rows
+
+
+def write_metadata(folder: Path, rows: list[dict]) -> None:
+    """Replaces ``folder/metadata.jsonl`` with ``rows`` atomically, one JSON object a line, fields in their order."""
+    # ensure_ascii (the default) round-trips any string json.loads produced, lone surrogates included.
+    atomic_write_text(folder / "metadata.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+
+
 def _folder_records(folder: Path, caption_column: str, instance_prompt: str | None) -> list[Record]:
     if not folder.is_dir():
         raise DataError(f"--instance_data_dir {folder} does not exist or is not a folder")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    metadata = folder / "metadata.jsonl"
-    captions: dict[str, str] = {}
-    if metadata.is_file():
-        for number, line in enumerate(metadata.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                captions[row["file_name"]] = row[caption_column]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise DataError(f"{metadata} line {number}: needs JSON with file_name and {caption_column} ({err})") from err
+    rows = read_metadata(folder, caption_column)
+    if rows and not any(caption_column in row for row in rows):  # a misspelt column must not fall back silently
+        raise DataError(f"{folder / 'metadata.jsonl'}: no row has the column {caption_column!r} (--caption_column)")
+    captions = {row["file_name"]: row[caption_column] for row in rows if caption_column in row}
     if not files:
         raise DataError(f"--instance_data_dir {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     records = []
     for path in files:
         caption = captions.get(path.name)
-        if caption is None and path.with_suffix(".txt").is_file():
-            caption = path.with_suffix(".txt").read_text().strip()
+        sidecar = path.with_suffix(".txt")
+        if not caption and sidecar.is_file():
+            if _leads_outside(sidecar, folder):
+                raise DataError(f"{sidecar} is a symlink leading outside the data folder; refusing to read it")
+            caption = sidecar.read_text().strip()
         if not caption:
             caption = instance_prompt
         if not caption:
@@ -144,17 +225,56 @@ def load_records(config) -> tuple[list[Record], object | None]:
     return records, dataset
 
 
-def screen_records(records: list[Record], dataset=None, image_column: str = "image") -> tuple[list[Record], list[tuple[str, str]]]:
-    """Decodes every image once; returns the usable records and (name, reason) for each skipped one."""
+def _screen_one(record: Record, dataset, image_column: str, max_pixels: int | None) -> Record:
+    if record.path is None:
+        image = decode_image(dataset[record.row][image_column], max_pixels)
+        # datasets hands over decoded pixels, not the file: the identity is what training will see.
+        digest = hashlib.sha256(f"{image.mode} {image.width}x{image.height}\n".encode() + image.tobytes()).hexdigest()
+        return dataclasses.replace(record, size=image.size, digest=digest)
+    # Folders are not recursed, so an image's data folder is its parent.
+    if _leads_outside(record.path, record.path.parent):
+        raise BadImage("symlink leads outside the data folder")
+    try:
+        size = record.path.stat().st_size
+        # No image under the pixel limit is larger than its uncompressed 16-bit RGBA form: never read such a file.
+        if max_pixels is not None and size > 8 * max_pixels + (1 << 20):
+            raise BadImage(f"the file is {size / 2**20:.0f} MiB, more than any image under --max_image_pixels")
+        with open(record.path, "rb") as f:
+            try:  # the size from the header first, so an over-large image is skipped before it is read whole
+                _check_header(f, max_pixels)
+            finally:
+                f.seek(0)
+            data = f.read()  # read once: hashed, then decoded from the same bytes
+    except FileNotFoundError as err:
+        raise BadImage("file not found") from err
+    except OSError as err:
+        raise BadImage(f"not readable ({err.strerror})") from err
+    image = decode_image(io.BytesIO(data), max_pixels)
+    return dataclasses.replace(record, size=image.size, digest=hashlib.sha256(data).hexdigest())
+
+
+def screen_records(records: list[Record], dataset=None, image_column: str = "image",
+                   max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[list[Record], list[tuple[str, str]]]:
+    """Decodes every image once and keeps the usable ones.
+
+    Args:
+        records: from ``load_records``.
+        dataset: the ``datasets.Dataset`` that ``--dataset_name`` records point into.
+        image_column: its image column.
+        max_pixels: ``--max_image_pixels``: larger images are skipped by their header, without decoding.
+
+    Returns:
+        The usable records, each with ``size`` (width, height after EXIF orientation) and ``digest`` (SHA-256
+        of the file's bytes, or of a dataset row's decoded mode, size and pixels), and (name, reason) for each
+        skipped one.
+    """
     usable, skipped = [], []
     for record in records:
         try:
-            decode_image(record.path if record.path is not None else dataset[record.row][image_column])
+            usable.append(_screen_one(record, dataset, image_column, max_pixels))
         except BadImage as err:
             logger.warning("skipping %s: %s", record.name, err)
             skipped.append((record.name, str(err)))
-            continue
-        usable.append(record)
     return usable, skipped
 
 
@@ -163,18 +283,39 @@ def _item_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def image_to_tensor(image: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: np.random.Generator) -> torch.Tensor:
-    """Resize the short side to ``resolution``, crop a square, optionally flip; returns CHW in [-1, 1]."""
-    scale = resolution / min(image.size)
-    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-    image = image.resize(size, Image.Resampling.BILINEAR)
+@dataclass(frozen=True)
+class Crop:
+    """Where one training image comes from in its source: resized to ``resized`` (w, h), cropped at (left, top)."""
+
+    resized: tuple[int, int]
+    left: int
+    top: int
+    flip: bool
+
+
+def plan_crop(size: tuple[int, int], resolution: int, center_crop: bool, random_flip: bool,
+              rng: np.random.Generator) -> Crop:
+    """Resize the short side of a ``size`` (w, h) image to ``resolution`` and pick a square crop (and a flip).
+
+    Depends only on the size and the seeded ``rng``, so the geometry is known without decoding the pixels (SDXL is
+    conditioned on it, cached or not).
+    """
+    flip = random_flip and bool(rng.integers(0, 2))
+    scale = resolution / min(size)
+    resized = (max(resolution, round(size[0] * scale)), max(resolution, round(size[1] * scale)))
     if center_crop:
-        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+        left, top = (resized[0] - resolution) // 2, (resized[1] - resolution) // 2
     else:
-        left = int(rng.integers(0, image.width - resolution + 1))
-        top = int(rng.integers(0, image.height - resolution + 1))
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if flip:
+        left = int(rng.integers(0, resized[0] - resolution + 1))
+        top = int(rng.integers(0, resized[1] - resolution + 1))
+    return Crop(resized, left, top, flip)
+
+
+def image_to_tensor(image: Image.Image, resolution: int, crop: Crop) -> torch.Tensor:
+    """Resize, crop and flip as planned; returns CHW in [-1, 1]."""
+    image = image.resize(crop.resized, Image.Resampling.BILINEAR)
+    image = image.crop((crop.left, crop.top, crop.left + resolution, crop.top + resolution))
+    if crop.flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
@@ -199,23 +340,41 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records) * self.repeats
 
-    def pixels(self, record_index: int) -> torch.Tensor:
-        record = self.records[record_index]
-        image = decode_image(record.path if record.path is not None else self.dataset[record.row][self.image_column])
+    def _decode(self, record: Record) -> Image.Image:
+        return decode_image(record.path if record.path is not None else self.dataset[record.row][self.image_column])
+
+    def crop(self, record_index: int, size: tuple[int, int] | None = None) -> Crop:
+        """The record's crop plan; from its screened size, without decoding."""
+        size = size or self.records[record_index].size or self._decode(self.records[record_index]).size
         rng = _item_rng(self.seed, record_index)
-        flip = self.random_flip and bool(rng.integers(0, 2))
-        return image_to_tensor(image, self.resolution, self.center_crop, flip, rng)
+        return plan_crop(size, self.resolution, self.center_crop, self.random_flip, rng)
+
+    def pixels(self, record_index: int) -> torch.Tensor:
+        image = self._decode(self.records[record_index])
+        return image_to_tensor(image, self.resolution, self.crop(record_index, image.size))
+
+    def geometry(self, record_index: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """((original height, width), (crop top, left)) in pixels: SDXL's size micro-conditioning."""
+        crop = self.crop(record_index)
+        width, height = self.records[record_index].size or self._decode(self.records[record_index]).size
+        # A flipped crop starts, in the flipped image the model sees, as far from the left as it ended from the right.
+        left = crop.resized[0] - self.resolution - crop.left if crop.flip else crop.left
+        return (height, width), (crop.top, left)
 
     def __getitem__(self, index: int) -> dict:
         record_index = index % len(self.records)
-        item = {"index": record_index, "caption": self.records[record_index].caption}
+        original, crop_top_left = self.geometry(record_index)
+        item = {"index": record_index, "caption": self.records[record_index].caption, "original_size": original,
+                "crop_top_left": crop_top_left}
         if self.with_pixels:
             item["pixels"] = self.pixels(record_index)
         return item
 
 
 def collate(items: list[dict]) -> dict:
-    batch = {"indices": torch.tensor([i["index"] for i in items]), "captions": [i["caption"] for i in items]}
+    batch = {"indices": torch.tensor([i["index"] for i in items]), "captions": [i["caption"] for i in items],
+             "conditioning": {"original_size": torch.tensor([i["original_size"] for i in items]),
+                              "crop_top_left": torch.tensor([i["crop_top_left"] for i in items])}}
     if "pixels" in items[0]:
         batch["pixels"] = torch.stack([i["pixels"] for i in items])
     return batch

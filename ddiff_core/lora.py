@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
+
+from ddiff_core.atomic import atomic_write, atomic_write_text
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
@@ -34,6 +36,8 @@ def add_lora(denoiser, family, *, rank: int, alpha: int, dropout: float, lora_la
 def lora_state_dict(denoiser) -> dict[str, torch.Tensor]:
     """The adapter's weights (fp32, CPU), keyed as diffusers' ``save_lora_weights`` expects."""
     state = get_peft_model_state_dict(denoiser)
+    # A sharded model (FSDP) holds DTensors: every process gathers the whole tensor (a collective: call on all).
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
 
@@ -53,13 +57,13 @@ def lora_metadata(config: LoraConfig) -> dict:
 
 
 def save_lora(output_dir: str | Path, family, denoiser, config: LoraConfig) -> Path:
-    """Writes ``pytorch_lora_weights.safetensors`` atomically (temporary folder, then rename of the file)."""
+    """Writes ``pytorch_lora_weights.safetensors`` atomically."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".lora-") as tmp:
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".lora-") as tmp:  # the family's writer picks the name
         family.save_lora_weights(tmp, lora_state_dict(denoiser), lora_metadata(config))
-        os.replace(Path(tmp) / LORA_WEIGHTS_NAME, output_dir / LORA_WEIGHTS_NAME)
-    return output_dir / LORA_WEIGHTS_NAME
+        return atomic_write(output_dir / LORA_WEIGHTS_NAME,
+                            lambda dst: shutil.copyfile(Path(tmp) / LORA_WEIGHTS_NAME, dst))
 
 
 KOHYA_WEIGHTS_NAME = "pytorch_lora_weights_kohya.safetensors"
@@ -77,12 +81,8 @@ def save_kohya_copy(output_dir: str | Path, family, denoiser, config: LoraConfig
     state = {f"{family.kohya_prefix}.{k}": v for k, v in lora_state_dict(denoiser).items()}
     kohya = convert_state_dict_to_kohya(state)
     kohya = {k: (torch.tensor(float(config.lora_alpha)) if k.endswith(".alpha") else v) for k, v in kohya.items()}
-    path = Path(output_dir) / KOHYA_WEIGHTS_NAME
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(kohya, str(tmp), metadata={"format": "pt", "ss_network_dim": str(config.r),
-                                         "ss_network_alpha": str(config.lora_alpha)})
-    os.replace(tmp, path)
-    return path
+    metadata = {"format": "pt", "ss_network_dim": str(config.r), "ss_network_alpha": str(config.lora_alpha)}
+    return atomic_write(Path(output_dir) / KOHYA_WEIGHTS_NAME, lambda tmp: save_file(kohya, str(tmp), metadata=metadata))
 
 
 def trigger_phrase(captions: list[str], instance_prompt: str | None = None) -> str | None:
@@ -137,9 +137,5 @@ def write_model_card(output_dir: str | Path, *, family, base_model: str, trigger
         "```",
         "",
     ]
-    path = Path(output_dir) / "README.md"
-    tmp = path.with_name(".README.md.tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(Path(output_dir) / "README.md", "\n".join(lines))
 

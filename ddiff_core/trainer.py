@@ -6,6 +6,7 @@ TrainingFeatures object for each batch's latents and text embeddings.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -21,15 +22,9 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from ddiff_core.caching import (
-    TrainingFeatures,
-    build_latent_cache,
-    build_text_cache,
-    fingerprint,
-    model_description,
-    records_description,
-)
-from ddiff_core.checkpoint import Checkpointer, latest_checkpoint, verify_checkpoint
+from ddiff_core.atomic import atomic_write_text
+from ddiff_core.caching import TrainingFeatures, build_latent_cache, build_text_cache, fingerprint
+from ddiff_core.checkpoint import Checkpointer, latest_checkpoint
 from ddiff_core.config import ConfigError, TrainConfig
 from ddiff_core.data import DataError, EpochBatchSampler, ImageCaptionDataset, collate, load_records, screen_records
 from ddiff_core.families import resolve_family
@@ -37,6 +32,7 @@ from ddiff_core.latents import sample_latents
 from ddiff_core.lora import (add_lora, lora_digest, lora_state_dict, save_kohya_copy, save_lora, trigger_phrase,
                              write_model_card)
 from ddiff_core.profiling import NullProfiler, peak_memory_mb
+from ddiff_core.runs import RunIdentity, check_output_dir, clear_run_outputs, data_identity, model_identity, write_run_file
 from ddiff_core.validation import ValidationRunner
 
 logger = logging.getLogger(__name__)
@@ -56,25 +52,18 @@ class NonFiniteLoss(RuntimeError):
     """A NaN or infinite loss; nothing was stepped or written with it."""
 
 
-class TrainingRNG:
-    """The training stream's generator (latent draws, noise, timesteps), checkpointable with the run."""
-
-    def __init__(self, device: torch.device, seed: int):
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-
-    def state_dict(self) -> dict:
-        return {"state": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["state"])
-
-
 def compute_loss(family, denoiser, features: TrainingFeatures, latent_norm, batch: dict, generator: torch.Generator,
-                 config, weight_dtype: torch.dtype) -> torch.Tensor:
-    """The training loss of one micro-batch: draw latents, normalize them once, ask the family."""
+                 config, weight_dtype: torch.dtype, autocast=None) -> torch.Tensor:
+    """The training loss of one micro-batch: draw latents, normalize them once, ask the family.
+
+    The VAE and text encoders (when not cached) run outside ``autocast``, as they do when the caches are built, so
+    caching changes no maths in any precision; only the denoiser runs under it.
+    """
     latents = latent_norm.normalize(sample_latents(features.latent_params(batch), generator))
     embeds = {k: v.to(weight_dtype) for k, v in features.text_embeds(batch).items()}
-    return family.training_loss(denoiser, latents.to(weight_dtype), embeds, generator, config)
+    with autocast or nullcontext():
+        return family.training_loss(denoiser, latents.to(weight_dtype), embeds, generator, config,
+                                    conditioning=batch.get("conditioning"))
 
 
 def build_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
@@ -89,6 +78,25 @@ def build_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
                              weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
 
 
+def _check_topology(accelerator, config: TrainConfig) -> None:
+    """Refuses process layouts that would train wrongly, with a one-line reason.
+
+    Raises:
+        ConfigError: DeepSpeed, or several launched processes that are not synchronised.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # accelerate steps the DeepSpeed engine on every backward (our micro-batch accumulation would step it too
+        # often and skip --max_grad_norm), and the ZeRO optimizer's state holds Python objects that only pickle
+        # can store, which a checkpoint must never need.
+        raise ConfigError("DeepSpeed is not supported: use accelerate_configs/ddp.yaml, or fsdp.yaml to shard the "
+                          "frozen base (for a LoRA, ZeRO-2 shards only the small LoRA optimizer state)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
+        raise ConfigError(f"{os.environ['WORLD_SIZE']} processes were launched but they are not synchronised (on a CPU "
+                          "machine set ACCELERATE_USE_CPU=1 and use accelerate_configs/cpu_ddp.yaml)")
+
+
 class LoraTrainer:
     """One training run. ``setup()`` checks inputs and builds everything, ``train()`` runs, ``save()`` writes."""
 
@@ -101,25 +109,35 @@ class LoraTrainer:
 
     # -- setup -------------------------------------------------------------------------------
     def check_inputs(self) -> None:
-        """Everything that can be checked before a model is loaded: family, resolution, data."""
+        """Everything that can be checked before a model is loaded: family, resolution, data, the output folder and
+        any checkpoint to resume."""
         cfg = self.config
         self.family = resolve_family(cfg.pretrained_model_name_or_path, cfg.model_family)
         self.family.check_resolution(cfg.resolution)
         self.family.check_config(cfg)
-        if cfg.resume_from_checkpoint and cfg.resume_from_checkpoint != "latest":
-            verify_checkpoint(Path(cfg.resume_from_checkpoint))  # a named checkpoint must be whole: fail now
         if cfg.optimizer == "prodigy":
             build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)  # fails fast when prodigyopt is missing
         records, self.hf_dataset = load_records(cfg)
-        self.records, skipped = screen_records(records, self.hf_dataset, cfg.image_column)
-        if skipped:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            report = self.output_dir / "skipped_images.txt"
-            report.write_text("".join(f"{name}\t{reason}\n" for name, reason in skipped))
-            logger.warning("skipped %d unusable images; see %s", len(skipped), report)
+        self.records, self.skipped = screen_records(records, self.hf_dataset, cfg.image_column,
+                                                    max_pixels=cfg.max_image_pixels)
         if not self.records:
             source = cfg.instance_data_dir or cfg.dataset_name
-            raise DataError(f"no usable images in {source}: all {len(skipped)} were skipped (see skipped_images.txt)")
+            raise DataError(f"no usable images in {source}: all {len(self.skipped)} were skipped "
+                            f"({'; '.join(f'{n}: {r}' for n, r in self.skipped[:3])})")
+        mixed_precision = cfg.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION") or "no"
+        model = model_identity(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
+        self.identity = RunIdentity.of(dataclasses.replace(cfg, mixed_precision=mixed_precision), self.family.name,
+                                       model, data_identity(self.records))
+        check_output_dir(self.output_dir, self.identity, resume=cfg.resume_from_checkpoint,
+                         overwrite=cfg.overwrite_output_dir)
+        # A checkpoint to resume must be whole and of this run: checked now, before any model loads.
+        self.resume_path = self.resume_manifest = None
+        if cfg.resume_from_checkpoint == "latest":
+            self.resume_path = latest_checkpoint(self.output_dir, self.identity.fingerprint)
+        elif cfg.resume_from_checkpoint:
+            self.resume_path = Path(cfg.resume_from_checkpoint)
+        if self.resume_path is not None:
+            self.resume_manifest = Checkpointer(None, self.output_dir, self.identity).check(self.resume_path)
 
     def setup(self) -> "LoraTrainer":
         cfg = self.config
@@ -131,17 +149,31 @@ class LoraTrainer:
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / cfg.logging_dir)),
         )
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if acc.is_main_process else logging.WARNING)
+        _check_topology(acc, cfg)
         if cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
+        # An unseeded run still needs one seed shared by every process; a resumed one keeps the seed it started with.
         seed = cfg.seed
-        if seed is None:  # an unseeded run still needs one seed shared by every process
+        if seed is None and self.resume_manifest is not None:
+            seed = self.resume_manifest["seed"]
+        if seed is None:
             seed = [int(time.time_ns() % 2**31)]
             broadcast_object_list(seed)
             seed = seed[0]
         self.seed = seed
         set_seed(seed)
         if acc.is_main_process:
+            if cfg.overwrite_output_dir:
+                removed = clear_run_outputs(self.output_dir, cfg.logging_dir)
+                if removed:
+                    logger.warning("--overwrite_output_dir: removed %s from %s", ", ".join(removed), self.output_dir)
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            write_run_file(self.output_dir, self.identity)
+            if self.skipped:
+                report = self.output_dir / "skipped_images.txt"
+                atomic_write_text(report, "".join(f"{name}\t{reason}\n" for name, reason in self.skipped))
+                logger.warning("skipped %d unusable images; see %s", len(self.skipped), report)
+        acc.wait_for_everyone()
         self.weight_dtype = WEIGHT_DTYPES.get(acc.mixed_precision, torch.float32)
         device = acc.device
 
@@ -162,6 +194,7 @@ class LoraTrainer:
         )
         denoiser = self.components[self.family.denoiser_name]
         self.features = self._build_features(device, denoiser)
+        torch.manual_seed(seed)  # the LoRA's initial weights depend on the seed alone
         self.lora_config = add_lora(denoiser, self.family, rank=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                     lora_layers=cfg.lora_layers)
         if cfg.gradient_checkpointing:
@@ -169,7 +202,6 @@ class LoraTrainer:
         for param in denoiser.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
-        self.params = [p for p in denoiser.parameters() if p.requires_grad]
 
         self.sampler = EpochBatchSampler(len(self.dataset), cfg.train_batch_size, seed=seed,
                                          num_replicas=acc.num_processes, rank=acc.process_index)
@@ -189,10 +221,12 @@ class LoraTrainer:
         lr = cfg.learning_rate
         if cfg.scale_lr:
             lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * acc.num_processes
-        optimizer = build_optimizer(self.params, cfg)
+        optimizer = build_optimizer([p for p in denoiser.parameters() if p.requires_grad], cfg)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] = lr
         self.denoiser, self.optimizer = acc.prepare(denoiser, optimizer)
+        # Taken after prepare: a sharding wrapper (FSDP) replaces the parameters it shards.
+        self.params = [p for p in self.denoiser.parameters() if p.requires_grad]
         # Not prepared on purpose: a prepared scheduler steps once per process (accelerate #2142);
         # this one steps exactly once per optimizer step on every process.
         from diffusers.optimization import get_scheduler
@@ -201,48 +235,51 @@ class LoraTrainer:
             cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.lr_warmup_steps,
             num_training_steps=self.max_train_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power,
         )
-        self.rng = TrainingRNG(device, seed + acc.process_index)  # different noise on every process
-        acc.register_for_checkpointing(self.lr_scheduler)
-        self.checkpointer = Checkpointer(acc, self.output_dir, total_limit=cfg.checkpoints_total_limit)
-        if cfg.resume_from_checkpoint:
+        # The training stream (latent draws, noise, timesteps), checkpointed with the run; other noise on every process.
+        self.generator = torch.Generator(device=device).manual_seed(seed + acc.process_index)
+        self.checkpointer = Checkpointer(acc, self.output_dir, self.identity, total_limit=cfg.checkpoints_total_limit)
+        if self.resume_path is not None:
             self._resume()
+        elif cfg.resume_from_checkpoint:
+            logger.warning("no complete checkpoint of this run in %s; starting a new run", self.output_dir)
         if self.global_step == 0 and acc.is_main_process and self.metrics_file.exists():
-            self.metrics_file.unlink()  # a fresh run into an old folder: its step log starts over
+            self.metrics_file.unlink()  # this run's own start before its first checkpoint: the log starts over
         if acc.is_main_process:
             flat = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
             acc.init_trackers("ddiff", config=flat)
         return self
 
     def _resume(self) -> None:
-        cfg = self.config
-        path = cfg.resume_from_checkpoint
-        path = latest_checkpoint(self.output_dir) if path == "latest" else Path(path)
-        if path is None:
-            logger.warning("no complete checkpoint in %s; starting a new run", self.output_dir)
-            return
-        self.global_step, rng_state = self.checkpointer.load(path)
-        self.rng.load_state_dict(rng_state)
+        path = self.resume_path
+        self.global_step = self.checkpointer.load(path, self.resume_manifest, model=self.denoiser, optimizer=self.optimizer,
+                                                  lr_scheduler=self.lr_scheduler, training_generator=self.generator)
         if self.accelerator.is_main_process and self.metrics_file.exists():
-            # Steps logged after the checkpoint by the interrupted run are trained again: drop them.
-            kept = [line for line in self.metrics_file.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= self.global_step]
-            tmp = self.metrics_file.with_name(".metrics.jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.metrics_file)
+            # Steps logged after the checkpoint by the interrupted run are trained again: drop them (and a line
+            # cut short by a kill).
+            kept = []
+            for line in self.metrics_file.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= self.global_step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    continue
+            atomic_write_text(self.metrics_file, "".join(line + "\n" for line in kept))
         logger.info("resumed from %s at step %d", path, self.global_step)
 
     def _build_features(self, device, denoiser) -> TrainingFeatures:
         cfg, family, acc = self.config, self.family, self.accelerator
         cache_dir = Path(cfg.feature_cache_dir or self.output_dir / "cache")
-        model = model_description(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
+        model = self.identity.settings["model"]
+        data = [r.digest for r in self.records]  # each image's content, wherever it came from
         show = acc.is_local_main_process
         latent_cache = text_cache = None
         # The main process builds (or finds) each cache; the others then read the same file.
         with acc.main_process_first():
             if cfg.cache_latents:
+                random = cfg.random_flip or not cfg.center_crop  # only then do crops and flips depend on the seed
                 key = fingerprint({"kind": "latents", "family": family.name, "model": model, "dtype": str(self.weight_dtype),
-                                   "data": records_description(self.records, True, False), "resolution": cfg.resolution,
-                                   "center_crop": cfg.center_crop, "random_flip": cfg.random_flip, "seed": self.seed})
+                                   "data": data, "resolution": cfg.resolution, "center_crop": cfg.center_crop,
+                                   "random_flip": cfg.random_flip, "seed": self.seed if random else None})
                 latent_cache = build_latent_cache(family, self.components["vae"], self.dataset,
                                                   cache_dir / f"latents-{key}.safetensors", key, show_progress=show)
             if cfg.cache_text_embeddings:
@@ -310,9 +347,8 @@ class LoraTrainer:
                     position += 1
                     # Gradients are all-reduced only on the micro-batch that ends an optimizer step.
                     with nullcontext() if last_in_group else acc.no_sync(self.denoiser):
-                        with acc.autocast():
-                            loss = compute_loss(self.family, self.denoiser, self.features, self.latent_norm, batch,
-                                                self.rng.generator, cfg, self.weight_dtype)
+                        loss = compute_loss(self.family, self.denoiser, self.features, self.latent_norm, batch,
+                                            self.generator, cfg, self.weight_dtype, autocast=acc.autocast())
                         acc.backward(loss / group_len)
                     group_losses.append(loss.detach())
                     group_indices += batch["indices"].tolist()
@@ -348,7 +384,9 @@ class LoraTrainer:
         if acc.num_processes > 1:  # every process must agree to stop at the same step
             stop = int(acc.reduce(torch.tensor(stop, device=acc.device), reduction="sum").item())
         if stop or self.global_step % cfg.checkpointing_steps == 0:
-            self.checkpointer.save(self.global_step, self.rng.state_dict(), self.params)
+            self.checkpointer.save(self.global_step, model=self.denoiser, optimizer=self.optimizer,
+                                   lr_scheduler=self.lr_scheduler, training_generator=self.generator, seed=self.seed,
+                                   lora_params=self.params)
         if cfg.validation_steps and self.global_step % cfg.validation_steps == 0:
             self.validate()
         if stop:
@@ -390,7 +428,7 @@ class LoraTrainer:
             logger.error("LoRA weights differ between processes: %s", digests)
         summary = {"global_step": self.global_step, "num_processes": acc.num_processes, "lora_sha256_per_process": digests,
                    "peak_memory_mb": peak_memory_mb(acc.device)}
-        (self.output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(self.output_dir / "run_summary.json", json.dumps(summary, indent=2) + "\n")
         weights = save_lora(self.output_dir, self.family, denoiser, self.lora_config)
         if cfg.lora_format == "kohya":
             save_kohya_copy(self.output_dir, self.family, denoiser, self.lora_config)
@@ -399,10 +437,9 @@ class LoraTrainer:
         trigger = trigger_phrase([r.caption for r in self.records], cfg.instance_prompt)
         write_model_card(self.output_dir, family=self.family, base_model=cfg.pretrained_model_name_or_path, trigger=trigger,
                          config_dict=cfg.to_dict(), lora_config=self.lora_config, global_step=self.global_step)
-        (self.output_dir / "training_config.yaml").write_text(
-            f"# accelerate launch scripts/train_lora.py --config {self.output_dir / 'training_config.yaml'}\n"
-            + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-        )
+        atomic_write_text(self.output_dir / "training_config.yaml",
+                          f"# accelerate launch scripts/train_lora.py --config {self.output_dir / 'training_config.yaml'}\n"
+                          + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return weights
 
     def cleanup(self) -> None:

@@ -8,12 +8,13 @@ adapter, RNG) is exactly as it was afterwards.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from ddiff_core.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +35,7 @@ def _to_pil(pixels: torch.Tensor) -> list[Image.Image]:
 
 
 def _save_atomic(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 class ValidationRunner:

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     try:
         trainer = LoraTrainer(config)
         trainer.setup()  # checks data, family, resolution and any named checkpoint before loading a model
-    except (DataError, UnknownModelError, CheckpointError, ValueError) as err:
+    except (DataError, UnknownModelError, CheckpointError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     except TrainingInterrupted as stop:  # the checkpoint is already committed
         print(f"{stop}", file=sys.stderr)
         code = stop.exit_code
-    except NonFiniteLoss as err:
+    except (NonFiniteLoss, CheckpointError) as err:  # a checkpoint is refused only for non-finite weights
         print(f"error: {err}", file=sys.stderr)
         code = 3
     trainer.cleanup()

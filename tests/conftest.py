@@ -99,3 +99,36 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def initial_lora(model: Path, family: str = "flux", seed: int = 0, rank: int = 4) -> dict:
+    """The LoRA a run with this seed and rank starts from (the trainer seeds right before adding it), keyed as saved."""
+    import torch
+
+    from ddiff_core.families import get_family
+    from ddiff_core.lora import add_lora, lora_state_dict
+
+    fam = get_family(family)
+    denoiser = fam.load_components(str(model))[fam.denoiser_name]
+    torch.manual_seed(seed)
+    add_lora(denoiser, fam, rank=rank, alpha=rank, dropout=0.0, lora_layers=None)
+    return {f"{fam.denoiser_name}.{k}": v for k, v in lora_state_dict(denoiser).items()}
+
+
+def assert_same_training(a: Path, b: Path, start: dict, *, rtol: float = 1e-5, max_relative: float = 1e-3) -> None:
+    """Two runs that should train the same LoRA, compared as claimed on any CPU (kernels sum in an order that depends
+    on batch size and instruction set): per-step losses to ``rtol``, and the weights' difference relative to the
+    update, ``|W_a - W_b| / |W_b - W_0| < max_relative``."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    losses = [[json.loads(line)["loss"] for line in (o / "metrics.jsonl").read_text().splitlines()] for o in (a, b)]
+    assert len(losses[0]) == len(losses[1])
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=rtol, atol=0)
+    wa, wb = (load_file(o / "pytorch_lora_weights.safetensors") for o in (a, b))
+    assert wa.keys() == wb.keys() == start.keys()
+    diff = torch.cat([(wa[k] - wb[k]).flatten() for k in wa]).norm()
+    update = torch.cat([(wb[k] - start[k]).flatten() for k in wb]).norm()
+    assert update > 0 and diff / update < max_relative, f"relative difference {diff / update:.2e}"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddiff_core.data import BadImage, decode_image
+from ddiff_core.data import BadImage, Record, decode_image, screen_records
 
 from .conftest import REPO, run_script, train_args
 
@@ -46,6 +46,22 @@ def test_unusable_files_raise_bad_image_with_a_reason(tmp_path):
                          ("text.jpg", "not a readable image"), ("bomb.png", "decompression bomb")]:
         with pytest.raises(BadImage, match=reason):
             decode_image(tmp_path / name)
+
+
+def test_images_over_max_pixels_are_skipped_by_their_header(tmp_path):
+    big = Image.new("1", (9400, 9400))  # 88.4 MP: under Pillow's bomb limit, over the 40 MP default
+    big.save(tmp_path / "big.png")
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "small.png")
+    records = [Record(name=n, caption="x", path=tmp_path / n) for n in ("big.png", "small.png")]
+    usable, skipped = screen_records(records)
+    assert [r.name for r in usable] == ["small.png"] and usable[0].size == (64, 48)
+    assert skipped == [("big.png", "9400x9400 = 88.4 MP is over --max_image_pixels 40000000")]
+    # Pixels never decoded: the same header over truncated pixel data still gives the size as the reason.
+    (tmp_path / "cut.png").write_bytes((tmp_path / "big.png").read_bytes()[:100])
+    with pytest.raises(BadImage, match="9400x9400 = 88.4 MP is over --max_image_pixels 40000000"):
+        decode_image(tmp_path / "cut.png", max_pixels=40_000_000)
+    with pytest.raises(BadImage, match="not a readable image"):
+        decode_image(tmp_path / "cut.png")
 
 
 def _mixed_folder(folder):

@@ -93,7 +93,7 @@ def test_checkpoints_are_pruned_after_commit_and_latest_skips_broken_ones(tiny_f
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-9"]
     assert not list(out.glob(".checkpoint-*"))
     (out / ".checkpoint-12.tmp").mkdir()  # what a kill during a write leaves behind
-    (out / ".checkpoint-12.tmp" / "optimizer.bin").write_bytes(b"partial")
+    (out / ".checkpoint-12.tmp" / "optimizer.safetensors").write_bytes(b"partial")
     (out / "checkpoint-15").mkdir()  # a folder without a manifest
     assert latest_checkpoint(out).name == "checkpoint-9"
     lora = out / "checkpoint-9" / "lora.safetensors"
@@ -104,10 +104,10 @@ def test_checkpoints_are_pruned_after_commit_and_latest_skips_broken_ones(tiny_f
     code, stderr = run_main("train_lora.py", train_args(tiny_flux, out, "--max_train_steps", "12",
                                                         "--resume_from_checkpoint", str(out / "checkpoint-9")), capsys)
     assert code == 2 and "lora.safetensors is corrupt" in stderr.splitlines()[-1]
-    (out / "checkpoint-6" / "optimizer.bin").unlink()
+    (out / "checkpoint-6" / "optimizer.safetensors").unlink()
     code, stderr = run_main("train_lora.py", train_args(tiny_flux, out, "--resume_from_checkpoint", str(out / "checkpoint-6")),
                             capsys)
-    assert code == 2 and "is missing optimizer.bin" in stderr.splitlines()[-1]
+    assert code == 2 and "is missing optimizer.safetensors" in stderr.splitlines()[-1]
 
 
 def test_validation_does_not_change_the_trained_lora(tiny_flux, tmp_path):

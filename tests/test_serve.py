@@ -15,8 +15,6 @@ from PIL import Image
 
 from .conftest import REPO, _free_port
 
-gradio_client = pytest.importorskip("gradio_client")
-
 
 def make_loras(model: Path, root: Path, names, family: str = "flux") -> Path:
     from ddiff_core.families import get_family
@@ -31,6 +29,7 @@ def make_loras(model: Path, root: Path, names, family: str = "flux") -> Path:
 
 class Server:
     def __init__(self, model, loras, votes, *extra):
+        self.gradio_client = pytest.importorskip("gradio_client")  # here: tests without a server do not need it
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         cmd = [sys.executable, str(REPO / "scripts/serve.py"), "--pretrained_model_name_or_path", str(model),
@@ -49,7 +48,7 @@ class Server:
                 time.sleep(0.5)
         else:
             raise AssertionError("server did not start")
-        self.client = gradio_client.Client(self.url, verbose=False)
+        self.client = self.gradio_client.Client(self.url, verbose=False)
 
     def call(self, api, *args):
         return self.client.predict(*args, api_name=api)
@@ -78,16 +77,19 @@ def test_compare_gives_base_and_lora_for_the_same_seed(served):
     server, _, _ = served
     base, lora = server.call("/compare", "a street at night", "nolan-style", 3, 2, 64, 3.5)
     assert Image.open(base).size == (64, 64) and Image.open(lora).size == (64, 64)
-    assert (_pixels(base) - _pixels(lora)).abs().max() > 0
     again = server.call("/compare", "a street at night", "nolan-style", 3, 2, 64, 3.5)
     assert torch.equal(_pixels(base), _pixels(again[0]))  # same seed, same base image
+    assert torch.equal(_pixels(lora), _pixels(again[1]))
 
 
-def test_single_base_and_lora(served):
+def test_the_adapter_alone_changes_the_image(served):
+    """Same prompt (the trigger already in it, so nothing is added), same seed: only the adapter differs."""
     server, _, _ = served
-    base = server.call("/single", "a cat", "(base model)", 1, 2, 64, 3.5)
-    styled = server.call("/single", "a cat", "villeneuve-style", 1, 2, 64, 3.5)
+    prompt = "<villeneuve-style> a cat"
+    base = server.call("/single", prompt, "(base model)", 1, 2, 64, 3.5)
+    styled = server.call("/single", prompt, "villeneuve-style", 1, 2, 64, 3.5)
     assert (_pixels(base) - _pixels(styled)).abs().max() > 0
+    assert torch.equal(_pixels(base), _pixels(server.call("/single", prompt, "(base model)", 1, 2, 64, 3.5)))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -131,7 +133,8 @@ def test_a_new_lora_is_picked_up_without_restart(served, tiny_flux):
     server, loras, root = served
     make_loras(tiny_flux, root / "more", ["anderson-style"])
     shutil.copytree(root / "more" / "anderson-style", loras / "anderson-style")
-    base, lora = server.call("/compare", "a hotel", "anderson-style", 0, 2, 64, 3.5)
+    base = server.call("/single", "<anderson-style> a hotel", "(base model)", 0, 2, 64, 3.5)
+    lora = server.call("/single", "<anderson-style> a hotel", "anderson-style", 0, 2, 64, 3.5)
     assert (_pixels(base) - _pixels(lora)).abs().max() > 0
 
 
@@ -201,6 +204,7 @@ def test_serves_every_family(family, tmp_path):
     make_loras(model, tmp_path / "loras", ["lynch-style"], family)
     server = StyleServer.load(get_family(family), str(model), tmp_path / "loras", tmp_path / "votes.sqlite",
                               max_sequence_length=32)
-    base, lora = server.compare("a diner", "lynch-style", 0, 2, 64, 3.5)
-    assert base.size == lora.size == (64, 64)
-    assert (_pixels(base) - _pixels(lora)).abs().max() > 0
+    base, _ = server.compare("a diner", "lynch-style", 0, 2, 64, 3.5)
+    assert base.size == (64, 64)
+    same_prompt = [server.single("<lynch-style> a diner", style, 0, 2, 64, 3.5) for style in ("(base model)", "lynch-style")]
+    assert (_pixels(same_prompt[0]) - _pixels(same_prompt[1])).abs().max() > 0

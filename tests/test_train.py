@@ -8,7 +8,7 @@ from diffusers import FluxPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .conftest import REPO, run_main, run_script, train_args
+from .conftest import REPO, assert_same_training, initial_lora, run_main, run_script, train_args
 
 
 def _generate(pipe):
@@ -46,11 +46,7 @@ def test_cached_and_uncached_runs_train_the_same_lora(tiny_flux, tmp_path):
     run_script("train_lora.py", train_args(tiny_flux, tmp_path / "fresh", *common, "--no-cache_text_embeddings"))
     assert list((tmp_path / "cached" / "cache").glob("latents-*.safetensors"))
     assert not (tmp_path / "fresh" / "cache").exists()
-    cached = load_file(tmp_path / "cached" / "pytorch_lora_weights.safetensors")
-    fresh = load_file(tmp_path / "fresh" / "pytorch_lora_weights.safetensors")
-    assert cached.keys() == fresh.keys()
-    for key in cached:
-        assert torch.allclose(cached[key], fresh[key], atol=1e-5), key
+    assert_same_training(tmp_path / "cached", tmp_path / "fresh", initial_lora(tiny_flux))
     steps = [json.loads(line)["step"] for line in (tmp_path / "cached" / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 12
 

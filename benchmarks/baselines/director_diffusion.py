@@ -14,7 +14,8 @@ import torch
 from ddiff_core.latents import sample_latents
 
 
-def compute_loss_inline_scaling(family, transformer, vae, latent_params, embeds, generator, config, weight_dtype):
+def compute_loss_inline_scaling(family, transformer, vae, latent_params, embeds, generator, config, weight_dtype,
+                                autocast):
     """src/train.py compute_loss: the VAE shift/scale read from the config and applied inline (in two code
     paths; the one for this batch runs), instead of one normalization helper."""
     model_input = sample_latents(latent_params, generator)
@@ -27,7 +28,8 @@ def compute_loss_inline_scaling(family, transformer, vae, latent_params, embeds,
         vae_config_scaling_factor = vae.config.scaling_factor
         model_input = (model_input - vae_config_shift_factor) * vae_config_scaling_factor
     embeds = {k: v.to(weight_dtype) for k, v in embeds.items()}
-    return family.training_loss(transformer, model_input.to(weight_dtype), embeds, generator, config)
+    with autocast:
+        return family.training_loss(transformer, model_input.to(weight_dtype), embeds, generator, config)
 
 
 def validation_with_reload(family, model_dir, denoiser, prompt_embeds: dict, seeds, resolution, steps, dtype):

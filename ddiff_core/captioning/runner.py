@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ddiff_core.data import IMAGE_SUFFIXES, BadImage, DataError, decode_image
+from ddiff_core.data import IMAGE_SUFFIXES, BadImage, DataError, decode_image, read_metadata, write_metadata
 
 logger = logging.getLogger(__name__)
 TRIGGER_PLACEMENTS = ("start", "start_end", "none")
@@ -22,30 +20,6 @@ def place_trigger(caption: str, trigger: str | None, placement: str) -> str:
     if placement == "start":
         return f"{trigger} {caption}"
     return f"{trigger} {caption}, in {trigger} style"
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    """file_name -> text, from an existing metadata.jsonl (malformed lines are reported and ignored)."""
-    captions = {}
-    if path.is_file():
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            try:
-                row = json.loads(line)
-                captions[row["file_name"]] = row["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                if line.strip():
-                    logger.warning("%s line %d is not a caption row; it will be rewritten", path, number)
-    return captions
-
-
-def write_metadata(path: Path, captions: dict[str, str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        for name in sorted(captions):
-            f.write(json.dumps({"file_name": name, "text": captions[name]}) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -64,20 +38,28 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def caption_folder(folder: str | Path, captioner, *, trigger: str | None, placement: str = "start_end",
-                   batch_size: int = 4, overwrite: bool = False, show_progress: bool = True) -> dict:
+                   batch_size: int = 4, overwrite: bool = False, caption_column: str = "text",
+                   show_progress: bool = True) -> dict:
     """Captions every image of ``folder`` lacking one (or all, with ``overwrite``) into ``folder/metadata.jsonl``.
 
-    The file is rewritten after every batch, so a killed run loses at most one batch and a re-run resumes.
-    Returns counts: ``captioned``, ``skipped_existing`` and ``bad`` (a list of (name, reason)).
+    An image has a caption when its row holds a non-empty string in ``caption_column``. Every existing row is
+    kept, in order, with every field; only ``caption_column`` of the captioned rows is set, and rows for newly
+    captioned files are appended in file-name order. The file is rewritten atomically after every batch, so a
+    killed run loses at most one batch and a re-run resumes.
+
+    Returns:
+        Counts: ``captioned``, ``skipped_existing`` and ``bad`` (a list of (name, reason)).
 
     Raises:
-        DataError: the folder is missing or holds no images.
+        DataError: the folder is missing or holds no images, or its metadata.jsonl cannot be read whole.
     """
     folder = Path(folder)
     files = list_images(folder)
-    metadata = folder / "metadata.jsonl"
-    captions = read_metadata(metadata)
-    todo = [p for p in files if overwrite or p.name not in captions]
+    rows = read_metadata(folder)
+    by_name = {row["file_name"]: row for row in rows}  # the last row of a name wins, as in training
+    captioned = {name for name, row in by_name.items()
+                 if isinstance(row.get(caption_column), str) and row[caption_column]}
+    todo = [p for p in files if overwrite or p.name not in captioned]
     result = {"captioned": 0, "skipped_existing": len(files) - len(todo), "bad": []}
     progress = tqdm(total=len(todo), desc="captioning", unit="img", disable=not show_progress)
     for start in range(0, len(todo), batch_size):
@@ -91,8 +73,11 @@ def caption_folder(folder: str | Path, captioner, *, trigger: str | None, placem
                 result["bad"].append((path.name, str(err)))
         if images:
             for name, text in zip(names, captioner.caption(images, names)):
-                captions[name] = place_trigger(text, trigger, placement)
-            write_metadata(metadata, captions)
+                if name not in by_name:
+                    by_name[name] = {"file_name": name}
+                    rows.append(by_name[name])
+                by_name[name][caption_column] = place_trigger(text, trigger, placement)
+            write_metadata(folder, rows)
             result["captioned"] += len(names)
         progress.update(len(todo[start : start + batch_size]))
     progress.close()

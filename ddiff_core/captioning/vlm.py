@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from pathlib import Path
 
@@ -10,6 +11,17 @@ import torch
 from ddiff_core.captioning.base import DEFAULT_PROMPT, Captioner
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
+
+
+def check_remote_code_revision(trust_remote_code: bool, revision: str | None) -> None:
+    """Remote code runs on this machine, so it must be pinned to one commit: a branch or tag can move under you.
+
+    Raises:
+        ValueError: ``trust_remote_code`` without a full 40-hex-digit commit hash as ``revision``.
+    """
+    if trust_remote_code and not re.fullmatch(r"[0-9a-f]{40}", revision or ""):
+        raise ValueError(f"--trust_remote_code needs --revision pinned to a full commit hash (40 lowercase hex "
+                         f"digits), got {revision!r}")
 
 
 def cap_words(text: str, max_words: int) -> str:
@@ -27,8 +39,7 @@ class VisionLanguageCaptioner(Captioner):
                  trust_remote_code: bool = False, revision: str | None = None, **_):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        if trust_remote_code and not revision:
-            raise ValueError("--trust_remote_code needs a pinned --revision (a commit hash) of the model")
+        check_remote_code_revision(trust_remote_code, revision)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
             dtype or ("bf16" if self.device.startswith("cuda") else "fp32")]
@@ -39,12 +50,16 @@ class VisionLanguageCaptioner(Captioner):
             source, revision=revision, trust_remote_code=trust_remote_code, dtype=torch_dtype).to(self.device).eval()
         self.prompt, self.max_words, self.max_new_tokens = prompt, max_words, max_new_tokens
 
-    @torch.no_grad()
-    def caption(self, images, names):
+    def build_inputs(self, images: list) -> dict:
+        """The model inputs for ``images``, one prompt each, left-padded to one length, on the model's device."""
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         inputs = self.processor(text=[text] * len(images), images=images, padding=True, return_tensors="pt")
-        inputs = inputs.to(self.device)
+        return inputs.to(self.device)
+
+    @torch.no_grad()
+    def caption(self, images, names):
+        inputs = self.build_inputs(images)
         output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         generated = output[:, inputs["input_ids"].shape[1]:]
         texts = self.processor.batch_decode(generated, skip_special_tokens=True)

@@ -57,6 +57,9 @@ class ModelFamily(ABC):
         for module in components.values():
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False).eval()
+        vae = components.get("vae")
+        if dtype == torch.float16 and vae is not None and vae.config.get("force_upcast", False):
+            vae.to(torch.float32)  # its config says it overflows in fp16 (the SDXL VAE does)
         return components
 
     def load_pipeline(self, path: str, **kwargs):
@@ -130,9 +133,14 @@ class ModelFamily(ABC):
     # -- training --------------------------------------------------------------------------
     @abstractmethod
     def training_loss(
-        self, denoiser, latents: torch.Tensor, embeds: dict[str, torch.Tensor], generator: torch.Generator, config
+        self, denoiser, latents: torch.Tensor, embeds: dict[str, torch.Tensor], generator: torch.Generator, config,
+        conditioning: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """One diffusion training loss on normalized latents; all randomness from ``generator``."""
+        """One diffusion training loss on normalized latents; all randomness from ``generator``.
+
+        ``conditioning`` holds each image's geometry (``original_size`` and ``crop_top_left`` as (h, w) and (top,
+        left) rows, in pixels) for families that condition on it (SDXL).
+        """
 
     def lora_target_modules(self, lora_layers: str | None) -> list[str] | str:
         """A preset name or a comma-separated list of module names -> PEFT ``target_modules``."""

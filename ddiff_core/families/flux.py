@@ -56,7 +56,7 @@ class FluxFamily(ModelFamily):
             )
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
 
-    def training_loss(self, denoiser, latents, embeds, generator, config):
+    def training_loss(self, denoiser, latents, embeds, generator, config, conditioning=None):
         from diffusers import FluxPipeline
 
         if self._sampler is None:

@@ -43,7 +43,7 @@ class SD3Family(ModelFamily):
                                                              max_sequence_length=max_sequence_length)
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
 
-    def training_loss(self, denoiser, latents, embeds, generator, config):
+    def training_loss(self, denoiser, latents, embeds, generator, config, conditioning=None):
         if self._sampler is None:
             raise RuntimeError("call prepare_training(components) before training_loss")
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)

@@ -36,10 +36,10 @@ class UNetFamily(ModelFamily):
         if vae_config is not None:
             self._vae_scale = 2 ** (len(vae_config.block_out_channels) - 1)
 
-    def _conditioning(self, embeds, latents) -> dict:
+    def _conditioning(self, embeds, latents, conditioning) -> dict:
         return {}
 
-    def training_loss(self, denoiser, latents, embeds, generator, config):
+    def training_loss(self, denoiser, latents, embeds, generator, config, conditioning=None):
         from diffusers.training_utils import compute_snr
 
         if self._scheduler is None:
@@ -61,7 +61,7 @@ class UNetFamily(ModelFamily):
         else:
             raise ValueError(f"unsupported prediction type {prediction_type!r}")
         pred = denoiser(noisy, timesteps, embeds["prompt_embeds"].to(device, dtype),
-                        **self._conditioning(embeds, latents), return_dict=False)[0]
+                        **self._conditioning(embeds, latents, conditioning), return_dict=False)[0]
         snr_gamma = getattr(config, "snr_gamma", None)
         if not snr_gamma:
             return F.mse_loss(pred.float(), target.float(), reduction="mean")
@@ -163,13 +163,18 @@ class SDXLFamily(UNetFamily):
                                                              do_classifier_free_guidance=False)
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
 
-    def _conditioning(self, embeds, latents):
-        # Micro-conditioning on (original size, crop top-left, target size); images are resized and center-cropped
-        # to the training resolution, so original = target = the training size and the crop is at the origin.
-        side_h, side_w = latents.shape[-2] * self._vae_scale, latents.shape[-1] * self._vae_scale
-        time_ids = torch.tensor([side_h, side_w, 0, 0, side_h, side_w], device=latents.device, dtype=latents.dtype)
-        return {"added_cond_kwargs": {"text_embeds": embeds["pooled_prompt_embeds"].to(latents.device, latents.dtype),
-                                      "time_ids": time_ids.expand(latents.shape[0], -1)}}
+    def _conditioning(self, embeds, latents, conditioning):
+        # Micro-conditioning on (original size, crop top-left, target size), as SDXL was trained: each image's real
+        # size before resizing and where its crop starts in the resized image, in pixels.
+        bsz, device, dtype = latents.shape[0], latents.device, latents.dtype
+        target = torch.tensor([latents.shape[-2] * self._vae_scale, latents.shape[-1] * self._vae_scale])
+        if conditioning is None:  # no geometry given: the image is the target, uncropped
+            original, crop = target.expand(bsz, 2), torch.zeros(bsz, 2)
+        else:
+            original, crop = conditioning["original_size"], conditioning["crop_top_left"]
+        time_ids = torch.cat([original.float(), crop.float(), target.float().expand(bsz, 2)], dim=1)
+        return {"added_cond_kwargs": {"text_embeds": embeds["pooled_prompt_embeds"].to(device, dtype),
+                                      "time_ids": time_ids.to(device, dtype)}}
 
     def build_tiny(self, size="tiny", seed=0, variant=None):
         from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
