@@ -3,7 +3,7 @@
 #   ./run.sh demo   build the tiny FLUX, train the demo LoRA on data/demo, print where the outputs are
 #   ./run.sh test   run the test suite (offline; installs Debian's chromium for the browser test when root)
 #   ./run.sh serve  the base-vs-LoRA web page on 127.0.0.1:7860 (after ./run.sh demo)
-#   ./run.sh bench  run the benchmark suite on the small model (CPU) and regenerate benchmarks/RESULTS.md
+#   ./run.sh bench  run the benchmark suite on the small model (CPU) 3 times and regenerate benchmarks/RESULTS.md
 #   ./run.sh setup  only create .venv and install ddiff with its dev extras
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -49,8 +49,12 @@ case "${1:-}" in
     setup
     shift
     mkdir -p benchmarks/results
-    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 "$PY" -m pytest benchmarks/test_fixes.py -p no:cacheprovider --model-size small \
-      --benchmark-json benchmarks/results/small-cpu.json "$@"
+    rm -f benchmarks/results/small-cpu*.json
+    # Several sessions: the verdicts' noise is the spread of the before/after ratio between them.
+    for session in $(seq "${DDIFF_BENCH_SESSIONS:-3}"); do
+      HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 "$PY" -m pytest benchmarks/test_fixes.py -p no:cacheprovider --model-size small \
+        --benchmark-json "benchmarks/results/small-cpu-$session.json" "$@"
+    done
     "$PY" -m benchmarks.report benchmarks/results/*.json --output benchmarks/RESULTS.md
     ;;
   *) sed -n '2,8p' "$0"; exit 2 ;;

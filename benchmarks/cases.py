@@ -22,10 +22,11 @@ from types import SimpleNamespace
 import torch
 
 from benchmarks.baselines import director_diffusion as before
-from ddiff_core.caching import FeatureCache, TrainingFeatures
-from ddiff_core.data import ImageCaptionDataset, collate, load_records, screen_records
+from ddiff_core.builders import add_trainable_lora, build_data, build_optimizer, load_base, trainable_params
+from ddiff_core.caching import build_training_features, release_covered_encoders
+from ddiff_core.config import LossSettings, TrainConfig
+from ddiff_core.data import load_records, screen_records
 from ddiff_core.families import get_family
-from ddiff_core.lora import add_lora
 from ddiff_core.tiny import save_tiny_lora
 from ddiff_core.trainer import compute_loss
 from ddiff_core.validation import ValidationRunner
@@ -35,7 +36,6 @@ MODELS = REPO / "benchmarks" / ".models"
 DEMO = REPO / "data" / "demo"
 RESOLUTION = {"tiny": 64, "small": 128}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-LOSS_SETTINGS = SimpleNamespace(weighting_scheme="none", logit_mean=0.0, logit_std=1.0, mode_scale=1.29, guidance_scale=3.5)
 
 
 class NotApplicable(Exception):
@@ -82,56 +82,56 @@ def model_dir(size: str, family: str = "flux") -> Path:
 
 def _components(env: Env, dtype: torch.dtype | None = None):
     family = get_family(env.family)
-    components = family.load_components(str(model_dir(env.size, env.family)), dtype=dtype or env.torch_dtype)
-    for module in components.values():
-        if isinstance(module, torch.nn.Module):
-            module.to(env.device)
-    family.prepare_training(components)
-    return family, components
+    return family, load_base(family, str(model_dir(env.size, env.family)), dtype=dtype or env.torch_dtype,
+                             device=env.device)
 
 
 def _demo_records():
     """The demo images, screened as the trainer screens them (sizes known, so crops need no decoding)."""
-    records, _ = load_records(SimpleNamespace(instance_data_dir=str(DEMO), dataset_name=None, caption_column=None,
-                                              instance_prompt=None))
+    records, _ = load_records(TrainConfig(instance_data_dir=str(DEMO)))
     return screen_records(records)[0]
+
+
+def train_config(env: Env, **overrides) -> TrainConfig:
+    """The benchmarks' run: the demo data at the size's resolution, batch 2, rank 16, center crops."""
+    settings = dict(pretrained_model_name_or_path=str(model_dir(env.size, env.family)), instance_data_dir=str(DEMO),
+                    resolution=env.resolution, train_batch_size=2, rank=16, lora_alpha=16, center_crop=True,
+                    max_sequence_length=64, seed=0)
+    return TrainConfig(**{**settings, **overrides})
 
 
 # -- training-step cases -------------------------------------------------------------------------
 def _training(env: Env, *, gradient_checkpointing: bool = False, weight_dtype: torch.dtype | None = None,
-              cached: bool = True, free_encoders: bool | None = None):
+              cached: bool = True, keep_vae: bool = False):
+    """A training step built as the trainer builds it (base, objective, data, caches, LoRA, optimizer)."""
     weight_dtype = weight_dtype or env.torch_dtype
+    cfg = train_config(env, gradient_checkpointing=gradient_checkpointing, cache_latents=cached,
+                       cache_text_embeddings=cached)
     family, comps = _components(env, weight_dtype)
-    denoiser = comps[family.denoiser_name]
-    torch.manual_seed(0)
-    add_lora(denoiser, family, rank=16, alpha=16, dropout=0.0, lora_layers=None)
-    if gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
-    params = [p for p in denoiser.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    denoiser.train()
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    records = _demo_records()
-    dataset = ImageCaptionDataset(records, resolution=env.resolution, center_crop=True, with_pixels=not cached)
-    indices = [0, 1]
-    features = TrainingFeatures(family, comps, device=env.device, max_sequence_length=64)
-    if cached:  # what the caches hold: one VAE distribution and one embedding per record
-        pixels = torch.stack([dataset.pixels(i) for i in indices])
-        latent = FeatureCache({"latent_dist": family.encode_images(comps["vae"], pixels).float()})
-        text = FeatureCache({k: v for k, v in family.encode_prompts(
-            comps, [records[i].caption for i in indices], device=env.device, max_sequence_length=64).items()})
-        features = TrainingFeatures(family, comps, device=env.device, max_sequence_length=64,
-                                    latent_cache=latent, text_cache=text)
+    objective = family.training_objective(comps, LossSettings.from_config(cfg))
     latent_norm = family.latent_norm(comps["vae"].config)
-    if cached if free_encoders is None else free_encoders:  # as the trainer does once the caches cover them
-        for name in ("vae", *family.text_encoder_names):
-            comps[name] = None
+    records = _demo_records()
+    data = build_data(records, cfg, seed=0)
+    features = build_training_features(
+        family, comps, data.dataset, records, cache_latents=cached, cache_text=cached,
+        cache_dir=Path(tempfile.mkdtemp(prefix="ddiff-bench-cache-")), model_id=f"{env.family}-{env.size}",
+        dtype=weight_dtype, seed=0, device=env.device, max_sequence_length=cfg.max_sequence_length, show_progress=False)
+    release_covered_encoders(features, keep_vae=keep_vae)  # as the trainer does once the caches cover them
+    denoiser = comps[family.denoiser_name]
+    add_trainable_lora(denoiser, family, rank=cfg.rank, alpha=cfg.lora_alpha, dropout=0.0, lora_layers=None, seed=0,
+                       gradient_checkpointing=gradient_checkpointing)
+    denoiser.train()
+    optimizer = build_optimizer(trainable_params(denoiser), cfg)
+
+    def forever():
+        while True:
+            yield from data.loader  # cached: no decoding; uncached: decode from disk
+
     generator = torch.Generator(env.device).manual_seed(0)
     autocast = torch.autocast(torch.device(env.device).type, weight_dtype, enabled=weight_dtype != torch.float32)
-    return SimpleNamespace(family=family, comps=comps, denoiser=denoiser, optimizer=optimizer, dataset=dataset,
+    return SimpleNamespace(family=family, comps=comps, denoiser=denoiser, optimizer=optimizer, objective=objective,
                            features=features, generator=generator, autocast=autocast, weight_dtype=weight_dtype,
-                           latent_norm=latent_norm, indices=indices)
+                           latent_norm=latent_norm, batches=forever())
 
 
 def _step(t, loss_fn) -> None:
@@ -143,26 +143,25 @@ def _step(t, loss_fn) -> None:
 
 def _ddiff_step(t):
     def step():
-        batch = collate([t.dataset[i] for i in t.indices])  # cached: no decoding; uncached: decode from disk
-        _step(t, lambda: compute_loss(t.family, t.denoiser, t.features, t.latent_norm, batch, t.generator,
-                                      LOSS_SETTINGS, t.weight_dtype, autocast=t.autocast))
+        batch = next(t.batches)
+        _step(t, lambda: compute_loss(t.objective, t.denoiser, t.features, t.latent_norm, batch, t.generator,
+                                      t.weight_dtype, autocast=t.autocast))
     return step
 
 
 def vae_scaling(env: Env, variant: str):
     """Fix 1: the VAE shift/scale inline (director-diffusion) vs ddiff's one LatentNorm, in a whole training step."""
-    t = _training(env, free_encoders=False)  # the inline code reads the VAE's config
+    t = _training(env, keep_vae=True)  # the inline code reads the VAE's config
     if variant == "after":
         return _ddiff_step(t)
     if t.comps["vae"].config.get("shift_factor") is None:
         # director-diffusion's inline copy assumes FLUX's shift_factor; on this VAE it would raise a TypeError.
         raise NotApplicable(f"the inline 'before' code needs a VAE shift_factor, which {env.family}'s VAE lacks")
-    batch = collate([t.dataset[i] for i in t.indices])
-
     def step():
+        batch = next(t.batches)
         _step(t, lambda: before.compute_loss_inline_scaling(
-            t.family, t.denoiser, t.comps["vae"], t.features.latent_params(batch), t.features.text_embeds(batch),
-            t.generator, LOSS_SETTINGS, t.weight_dtype, t.autocast))
+            t.objective, t.denoiser, t.comps["vae"], t.features.latent_params(batch), t.features.text_embeds(batch),
+            t.generator, t.weight_dtype, t.autocast))
     return step
 
 
@@ -185,8 +184,7 @@ def mixed_precision(env: Env, variant: str):
 def _validation(env: Env):
     family, comps = _components(env)
     denoiser = comps[family.denoiser_name]
-    torch.manual_seed(0)
-    add_lora(denoiser, family, rank=16, alpha=16, dropout=0.0, lora_layers=None)
+    add_trainable_lora(denoiser, family, rank=16, alpha=16, dropout=0.0, lora_layers=None, seed=0)
     runner = ValidationRunner(family, comps, denoiser, ["<demo-style> a cat on a table"], num_images=4, seed=0,
                               resolution=env.resolution, num_inference_steps=4, guidance_scale=3.5,
                               max_sequence_length=64, output_dir=Path(tempfile.mkdtemp()), device=env.device,
@@ -286,37 +284,15 @@ def lora_list(env: Env, variant: str):
     return lambda: [[i.name for i in catalog.list()] for _ in range(3)]
 
 
-def list_building(env: Env, variant: str):
-    """Fix 4: dataset items, caption samples and UI options built with append loops vs comprehensions (10k each)."""
-    lines = [json.dumps({"file_name": f"still_{i:05d}.jpg", "text": f"<nolan-style> still {i}"}) for i in range(10_000)]
-    files = [f"still_{i:05d}.jpg" for i in range(10_000)]
-    loras = [f"director-{i}-style" for i in range(10_000)]
-    if variant == "before":
-        return lambda: (before.build_items_with_appends(lines), before.caption_samples_with_appends(files, "<t>"),
-                        before.ui_options_with_appends(loras))
-
-    def after():
-        rows = [json.loads(line) for line in lines]
-        items = [{"file_name": r["file_name"], "text": r["text"]} for r in rows]
-        samples = [{"file_name": f, "text": f"<t> {Path(f).stem}, in <t> style"} for f in files]
-        options = [(n.replace("-", " ").title(), n) for n in loras]
-        return items, samples, options
-    return after
-
-
 def dataloader(env: Env, variant: str):
-    """DataLoader prefetching: one epoch of decoded images (48 items, batch 4), 0 workers vs 2 persistent workers
-    with prefetch (and pinned memory on CUDA)."""
-    dataset = ImageCaptionDataset(_demo_records(), resolution=env.resolution, repeats=4)
-    cuda = torch.device(env.device).type == "cuda"
-    if variant == "before":
-        loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=collate)
-    else:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=collate, num_workers=2,
-                                             persistent_workers=True, prefetch_factor=4, pin_memory=cuda)
+    """ddiff's data loader over one epoch of decoded images (48 items, batch 4): 0 workers vs 2 persistent workers
+    (with pinned memory on CUDA)."""
+    cfg = train_config(env, repeats=4, train_batch_size=4, center_crop=False,
+                       dataloader_num_workers=0 if variant == "before" else 2)
+    data = build_data(_demo_records(), cfg, seed=0, pin_memory=torch.device(env.device).type == "cuda")
 
     def epoch():
-        for batch in loader:
+        for batch in data.loader:
             batch["pixels"].to(env.device, non_blocking=True)
     return epoch
 
@@ -350,7 +326,6 @@ CASES = {
     "validation_reload": validation_reload,
     "serving": serving,
     "lora_switch": lora_switch,
-    "list_building": list_building,
     "lora_list": lora_list,
     "validation_batching": validation_batching,
     "feature_caches": feature_caches,

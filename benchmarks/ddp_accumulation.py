@@ -15,8 +15,9 @@ from contextlib import nullcontext
 import torch
 from accelerate import Accelerator
 
-from benchmarks.cases import LOSS_SETTINGS, Env, _components
-from ddiff_core.lora import add_lora
+from benchmarks.cases import Env, _components
+from ddiff_core.builders import add_trainable_lora, build_optimizer, trainable_params
+from ddiff_core.config import LossSettings, TrainConfig
 from ddiff_core.process import run_process
 
 
@@ -31,12 +32,11 @@ def main() -> int:
     acc = Accelerator()
     env = Env(args.size, str(acc.device), "fp32", args.family)
     family, comps = _components(env)
-    family.prepare_training(comps)
+    objective = family.training_objective(comps, LossSettings())
     denoiser = comps[family.denoiser_name]
-    torch.manual_seed(0)
-    add_lora(denoiser, family, rank=16, alpha=16, dropout=0.0, lora_layers=None)
-    params = [p for p in denoiser.parameters() if p.requires_grad]
-    denoiser, optimizer = acc.prepare(denoiser, torch.optim.AdamW(params, lr=1e-4))
+    add_trainable_lora(denoiser, family, rank=16, alpha=16, dropout=0.0, lora_layers=None, seed=0)
+    optimizer = build_optimizer(trainable_params(denoiser), TrainConfig())
+    denoiser, optimizer = acc.prepare(denoiser, optimizer)
     side = env.resolution // 8
     latents = torch.randn(2, comps["vae"].config.latent_channels, side, side, device=acc.device)
     embeds = family.encode_prompts(comps, ["<t> a still", "<t> another"], device=acc.device, max_sequence_length=64)
@@ -49,7 +49,7 @@ def main() -> int:
             last = micro == 3
             context = nullcontext() if last or args.mode == "sync_every_step" else acc.no_sync(denoiser)
             with context:
-                loss = family.training_loss(denoiser, latents, embeds, generator, LOSS_SETTINGS)
+                loss = objective.loss(denoiser, latents, embeds, generator)
                 acc.backward(loss / 4)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -12,16 +12,34 @@ import torch
 from benchmarks.cases import CASES, REPO, Env, sync
 
 
+def cpu_description() -> tuple[str, str]:
+    """The CPU's model name and the vector instruction sets that decide CPU matmul speed (bf16 above all)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "sve")
+    return model, " ".join(f for f in wanted if f in flags) or "unknown"
+
+
 def versions() -> dict:
     import accelerate
     import diffusers
     import peft
     import transformers
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine()
+    cpu, isa = cpu_description()
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "accelerate": accelerate.__version__, "python": platform.python_version(),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "device_name": device}
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "device_name": device,
+            "cpu": cpu, "cpu_isa": isa}
 
 
 def peak_memory(env: Env, case: str, variant: str, fn, timing: bool) -> dict:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.cases import LOSS_SETTINGS, sync
+from benchmarks.cases import sync
 from benchmarks.harness import versions
+from ddiff_core.builders import add_trainable_lora, build_optimizer, trainable_params
+from ddiff_core.config import LossSettings, TrainConfig
 from ddiff_core.families import get_family
-from ddiff_core.lora import add_lora
 
 FLUX_DEV = dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
                 joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
@@ -73,29 +74,26 @@ def full_model(bench_env):
     finally:
         torch.set_default_dtype(default_dtype)
     model.requires_grad_(False)
-    add_lora(model, family, rank=16, alpha=16, dropout=0.0, lora_layers=None)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+    add_trainable_lora(model, family, rank=16, alpha=16, dropout=0.0, lora_layers=None, seed=0)
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    family.prepare_training({"scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)})
-    return family, model
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    objective = family.training_objective({"scheduler": scheduler}, LossSettings())
+    return objective, model
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "grad-ckpt"])
 @pytest.mark.parametrize("resolution", [512, 1024])
 def test_full_flux_lora_step(benchmark, bench_env, full_model, resolution, checkpointing):
-    family, model = full_model
+    objective, model = full_model
     device = bench_env.device
     if checkpointing:
         model.enable_gradient_checkpointing()
     else:
         model.disable_gradient_checkpointing()
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = build_optimizer(trainable_params(model), TrainConfig(learning_rate=1e-4))
     side = resolution // 8
     latents = torch.randn(1, 16, side, side, device=device, dtype=torch.bfloat16)  # cached latents
     embeds = {"prompt_embeds": torch.randn(1, TEXT_TOKENS, 4096, device=device, dtype=torch.bfloat16),
@@ -105,7 +103,7 @@ def test_full_flux_lora_step(benchmark, bench_env, full_model, resolution, check
     def step():
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cuda", torch.bfloat16):
-            loss = family.training_loss(model, latents, embeds, generator, LOSS_SETTINGS)
+            loss = objective.loss(model, latents, embeds, generator)
         loss.backward()
         optimizer.step()
         sync(device)
@@ -128,5 +126,5 @@ def test_full_flux_lora_step(benchmark, bench_env, full_model, resolution, check
     median = benchmark.stats.stats.median
     benchmark.extra_info.update(step_tflop=flops / 1e12, mfu=flops / median / _peak_flops(),
                                 params_b=sum(p.numel() for p in model.parameters()) / 1e9)
-    del optimizer
+    optimizer.state.clear()  # the next parametrization starts with fresh moments
     torch.cuda.empty_cache()

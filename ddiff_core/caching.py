@@ -129,3 +129,51 @@ class TrainingFeatures:
         return self.family.encode_prompts(
             self.components, batch["captions"], device=self.device, max_sequence_length=self.max_sequence_length
         )
+
+
+def build_training_features(family, components: dict, dataset, records, *, cache_latents: bool, cache_text: bool,
+                            cache_dir: Path, model_id: str, dtype: torch.dtype, seed: int, device,
+                            max_sequence_length: int, show_progress: bool = True) -> TrainingFeatures:
+    """Builds (or finds) the caches a run asked for and returns what the loop reads each batch from.
+
+    What each cache depends on is decided here: latents on the family, model, dtype, each image's content and the
+    crop settings (the seed only where crops or flips are random); text embeddings on the family, model, dtype,
+    the captions and the sequence length. Nothing is freed: see :func:`release_covered_encoders`.
+    """
+    latent_cache = text_cache = None
+    if cache_latents:
+        random_crops = dataset.random_flip or not dataset.center_crop
+        key = fingerprint({"kind": "latents", "family": family.name, "model": model_id, "dtype": str(dtype),
+                           "data": [r.digest for r in records], "resolution": dataset.resolution,
+                           "center_crop": dataset.center_crop, "random_flip": dataset.random_flip,
+                           "seed": seed if random_crops else None})
+        latent_cache = build_latent_cache(family, components["vae"], dataset, cache_dir / f"latents-{key}.safetensors",
+                                          key, show_progress=show_progress)
+    if cache_text:
+        captions = [r.caption for r in records]
+        key = fingerprint({"kind": "text", "family": family.name, "model": model_id, "dtype": str(dtype),
+                           "captions": captions, "max_sequence_length": max_sequence_length})
+        text_cache = build_text_cache(family, components, captions, cache_dir / f"text-{key}.safetensors", key,
+                                      device=device, max_sequence_length=max_sequence_length,
+                                      show_progress=show_progress)
+    return TrainingFeatures(family, components, device=device, max_sequence_length=max_sequence_length,
+                            latent_cache=latent_cache, text_cache=text_cache)
+
+
+def release_covered_encoders(features: TrainingFeatures, *, keep_vae: bool = False) -> list[str]:
+    """Frees the encoders the caches cover (the training step never touches them again); ``keep_vae`` when
+    validation still decodes with it. Returns the names freed."""
+    import gc
+
+    components, freed = features.components, []
+    if features.latent_cache is not None and not keep_vae:
+        freed.append("vae")
+    if features.text_cache is not None:
+        freed += list(features.family.text_encoder_names)
+    for name in freed:
+        components[name] = None
+    if freed:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return freed

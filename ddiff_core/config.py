@@ -145,6 +145,24 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class LossSettings:
+    """What a family's training objective reads: the loss and timestep settings, typed, nothing else of the run."""
+
+    weighting_scheme: str = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    guidance_scale: float = 3.5
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    prediction_type: str | None = None
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> "LossSettings":
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+
 def _scalar_type(hint) -> type:
     """``int | None`` -> int; ``str`` -> str."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:

@@ -7,7 +7,6 @@ TrainingFeatures object for each batch's latents and text embeddings.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -17,28 +16,26 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from ddiff_core.atomic import atomic_write_text
-from ddiff_core.caching import TrainingFeatures, build_latent_cache, build_text_cache, fingerprint
+from ddiff_core.builders import (add_trainable_lora, build_data, build_lr_scheduler, build_optimizer, load_base,
+                                 trainable_params)
+from ddiff_core.caching import TrainingFeatures, build_training_features, release_covered_encoders
 from ddiff_core.checkpoint import Checkpointer, latest_checkpoint
-from ddiff_core.config import ConfigError, TrainConfig
-from ddiff_core.data import DataError, EpochBatchSampler, ImageCaptionDataset, collate, load_records, screen_records
+from ddiff_core.config import ConfigError, LossSettings, TrainConfig
+from ddiff_core.data import DataError, load_records, screen_records
 from ddiff_core.families import resolve_family
 from ddiff_core.latents import sample_latents
-from ddiff_core.lora import (add_lora, lora_digest, lora_state_dict, save_kohya_copy, save_lora, trigger_phrase,
-                             write_model_card)
+from ddiff_core.lora import lora_digest, lora_state_dict, trigger_phrase
+from ddiff_core.outputs import RunOutputs
+from ddiff_core.precision import dtype_of
 from ddiff_core.profiling import NullProfiler, peak_memory_mb
 from ddiff_core.runs import RunIdentity, check_output_dir, clear_run_outputs, data_identity, model_identity, write_run_file
 from ddiff_core.validation import ValidationRunner
 
 logger = logging.getLogger(__name__)
-
-WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 class TrainingInterrupted(RuntimeError):
     """SIGTERM/SIGINT: the current step finished and a checkpoint was written."""
@@ -52,9 +49,9 @@ class NonFiniteLoss(RuntimeError):
     """A NaN or infinite loss; nothing was stepped or written with it."""
 
 
-def compute_loss(family, denoiser, features: TrainingFeatures, latent_norm, batch: dict, generator: torch.Generator,
-                 config, weight_dtype: torch.dtype, autocast=None) -> torch.Tensor:
-    """The training loss of one micro-batch: draw latents, normalize them once, ask the family.
+def compute_loss(objective, denoiser, features: TrainingFeatures, latent_norm, batch: dict, generator: torch.Generator,
+                 weight_dtype: torch.dtype, autocast=None) -> torch.Tensor:
+    """The training loss of one micro-batch: draw latents, normalize them once, ask the run's objective.
 
     The VAE and text encoders (when not cached) run outside ``autocast``, as they do when the caches are built, so
     caching changes no maths in any precision; only the denoiser runs under it.
@@ -62,20 +59,7 @@ def compute_loss(family, denoiser, features: TrainingFeatures, latent_norm, batc
     latents = latent_norm.normalize(sample_latents(features.latent_params(batch), generator))
     embeds = {k: v.to(weight_dtype) for k, v in features.text_embeds(batch).items()}
     with autocast or nullcontext():
-        return family.training_loss(denoiser, latents.to(weight_dtype), embeds, generator, config,
-                                    conditioning=batch.get("conditioning"))
-
-
-def build_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
-    if config.optimizer == "prodigy":
-        try:
-            import prodigyopt
-        except ImportError as err:
-            raise ConfigError("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt") from err
-        return prodigyopt.Prodigy(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
-    return torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                             weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+        return objective.loss(denoiser, latents.to(weight_dtype), embeds, generator, batch.get("conditioning"))
 
 
 def _check_topology(accelerator, config: TrainConfig) -> None:
@@ -104,8 +88,8 @@ class LoraTrainer:
         self.config = config
         self.profiler = profiler or NullProfiler()
         self.output_dir = Path(config.output_dir)
+        self.outputs = RunOutputs(self.output_dir)
         self.global_step = 0
-        self.metrics_file = self.output_dir / "metrics.jsonl"
 
     # -- setup -------------------------------------------------------------------------------
     def check_inputs(self) -> None:
@@ -114,7 +98,8 @@ class LoraTrainer:
         cfg = self.config
         self.family = resolve_family(cfg.pretrained_model_name_or_path, cfg.model_family)
         self.family.check_resolution(cfg.resolution)
-        self.family.check_config(cfg)
+        self.loss_settings = LossSettings.from_config(cfg)
+        self.family.check_settings(self.loss_settings, cfg.lora_format)
         if cfg.optimizer == "prodigy":
             build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)  # fails fast when prodigyopt is missing
         records, self.hf_dataset = load_records(cfg)
@@ -152,16 +137,79 @@ class LoraTrainer:
         _check_topology(acc, cfg)
         if cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
-        # An unseeded run still needs one seed shared by every process; a resumed one keeps the seed it started with.
-        seed = cfg.seed
-        if seed is None and self.resume_manifest is not None:
-            seed = self.resume_manifest["seed"]
-        if seed is None:
-            seed = [int(time.time_ns() % 2**31)]
-            broadcast_object_list(seed)
-            seed = seed[0]
-        self.seed = seed
+        self.seed = seed = self._shared_seed()
         set_seed(seed)
+        self._prepare_folder()
+        self.weight_dtype = dtype_of(acc.mixed_precision)
+        device = acc.device
+
+        # The frozen base in the weight dtype, and this run's objective (its sampler and schedule) from it.
+        self.components = load_base(self.family, cfg.pretrained_model_name_or_path, dtype=self.weight_dtype,
+                                    device=device, revision=cfg.revision, variant=cfg.variant)
+        self.objective = self.family.training_objective(self.components, self.loss_settings)
+        self.latent_norm = self.family.latent_norm(self.components["vae"].config)
+        self.data = build_data(self.records, cfg, seed=seed, hf_dataset=self.hf_dataset, num_replicas=acc.num_processes,
+                               rank=acc.process_index, pin_memory=device.type == "cuda")
+        denoiser = self.components[self.family.denoiser_name]
+        with acc.main_process_first():  # the main process builds (or finds) each cache; the others read it
+            self.features = build_training_features(
+                self.family, self.components, self.data.dataset, self.records, cache_latents=cfg.cache_latents,
+                cache_text=cfg.cache_text_embeddings, cache_dir=Path(cfg.feature_cache_dir or self.output_dir / "cache"),
+                model_id=self.identity.settings["model"], dtype=self.weight_dtype, seed=seed, device=device,
+                max_sequence_length=cfg.max_sequence_length, show_progress=acc.is_local_main_process)
+        self.validator = None
+        if cfg.validation_prompts and acc.is_main_process:
+            # Assembled now, while the text encoders are still loaded; it keeps the VAE for decoding.
+            self.validator = ValidationRunner(
+                self.family, self.components, denoiser, cfg.validation_prompts, num_images=cfg.num_validation_images,
+                seed=seed, resolution=cfg.resolution, num_inference_steps=cfg.validation_inference_steps,
+                guidance_scale=cfg.validation_guidance_scale, max_sequence_length=cfg.max_sequence_length,
+                output_dir=self.output_dir, device=device, dtype=self.weight_dtype,
+            )
+        release_covered_encoders(self.features, keep_vae=self.validator is not None)
+        self.lora_config = add_trainable_lora(denoiser, self.family, rank=cfg.rank, alpha=cfg.lora_alpha,
+                                              dropout=cfg.lora_dropout, lora_layers=cfg.lora_layers, seed=seed,
+                                              gradient_checkpointing=cfg.gradient_checkpointing)
+
+        self.batches_per_epoch = self.data.sampler.batches_per_replica()
+        self.updates_per_epoch = math.ceil(self.batches_per_epoch / cfg.gradient_accumulation_steps)
+        self.max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * self.updates_per_epoch
+        self.num_epochs = math.ceil(self.max_train_steps / self.updates_per_epoch)
+        lr = cfg.learning_rate
+        if cfg.scale_lr:
+            lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * acc.num_processes
+        self.denoiser, self.optimizer = acc.prepare(denoiser, build_optimizer(trainable_params(denoiser), cfg, lr))
+        # Taken after prepare: a sharding wrapper (FSDP) replaces the parameters it shards.
+        self.params = trainable_params(self.denoiser)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg, self.max_train_steps)
+        # The training stream (latent draws, noise, timesteps), checkpointed with the run; other noise on every process.
+        self.generator = torch.Generator(device=device).manual_seed(seed + acc.process_index)
+        self.checkpointer = Checkpointer(acc, self.output_dir, self.identity, total_limit=cfg.checkpoints_total_limit)
+        if self.resume_path is not None:
+            self._resume()
+        elif cfg.resume_from_checkpoint:
+            logger.warning("no complete checkpoint of this run in %s; starting a new run", self.output_dir)
+        if self.global_step == 0 and acc.is_main_process:
+            self.outputs.metrics.reset()  # this run's own start before its first checkpoint: the log starts over
+        if acc.is_main_process:
+            flat = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
+            acc.init_trackers("ddiff", config=flat)
+        return self
+
+    def _shared_seed(self) -> int:
+        """The run's seed: the flag's; a resumed unseeded run keeps its first one; else one drawn and shared by every
+        process."""
+        if self.config.seed is not None:
+            return self.config.seed
+        if self.resume_manifest is not None:
+            return self.resume_manifest["seed"]
+        seed = [int(time.time_ns() % 2**31)]
+        broadcast_object_list(seed)
+        return seed[0]
+
+    def _prepare_folder(self) -> None:
+        """The main process clears an overwritten run's files, records this run's identity and the skipped images."""
+        acc, cfg = self.accelerator, self.config
         if acc.is_main_process:
             if cfg.overwrite_output_dir:
                 removed = clear_run_outputs(self.output_dir, cfg.logging_dir)
@@ -170,147 +218,17 @@ class LoraTrainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             write_run_file(self.output_dir, self.identity)
             if self.skipped:
-                report = self.output_dir / "skipped_images.txt"
-                atomic_write_text(report, "".join(f"{name}\t{reason}\n" for name, reason in self.skipped))
+                report = self.outputs.write_skipped(self.skipped)
                 logger.warning("skipped %d unusable images; see %s", len(self.skipped), report)
         acc.wait_for_everyone()
-        self.weight_dtype = WEIGHT_DTYPES.get(acc.mixed_precision, torch.float32)
-        device = acc.device
-
-        # Frozen components in the weight dtype; the LoRA stays fp32.
-        self.components = self.family.load_components(
-            cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant, dtype=self.weight_dtype
-        )
-        for module in self.components.values():
-            if isinstance(module, torch.nn.Module):
-                module.to(device)
-        self.family.prepare_training(self.components)
-        self.latent_norm = self.family.latent_norm(self.components["vae"].config)
-
-        self.dataset = ImageCaptionDataset(
-            self.records, resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
-            seed=seed, repeats=cfg.repeats, dataset=self.hf_dataset, image_column=cfg.image_column,
-            with_pixels=not cfg.cache_latents,
-        )
-        denoiser = self.components[self.family.denoiser_name]
-        self.features = self._build_features(device, denoiser)
-        torch.manual_seed(seed)  # the LoRA's initial weights depend on the seed alone
-        self.lora_config = add_lora(denoiser, self.family, rank=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                    lora_layers=cfg.lora_layers)
-        if cfg.gradient_checkpointing:
-            denoiser.enable_gradient_checkpointing()
-        for param in denoiser.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
-
-        self.sampler = EpochBatchSampler(len(self.dataset), cfg.train_batch_size, seed=seed,
-                                         num_replicas=acc.num_processes, rank=acc.process_index)
-        workers = cfg.dataloader_num_workers
-        self.dataloader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=workers,
-            pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-            # Its own generator: creating an iterator each epoch must not draw from the global RNG (dropout's),
-            # or a run resumed mid-epoch would see different dropout masks.
-            generator=torch.Generator().manual_seed(seed),
-        )
-        self.batches_per_epoch = self.sampler.batches_per_replica()
-        self.updates_per_epoch = math.ceil(self.batches_per_epoch / cfg.gradient_accumulation_steps)
-        self.max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * self.updates_per_epoch
-        self.num_epochs = math.ceil(self.max_train_steps / self.updates_per_epoch)
-
-        lr = cfg.learning_rate
-        if cfg.scale_lr:
-            lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * acc.num_processes
-        optimizer = build_optimizer([p for p in denoiser.parameters() if p.requires_grad], cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] = lr
-        self.denoiser, self.optimizer = acc.prepare(denoiser, optimizer)
-        # Taken after prepare: a sharding wrapper (FSDP) replaces the parameters it shards.
-        self.params = [p for p in self.denoiser.parameters() if p.requires_grad]
-        # Not prepared on purpose: a prepared scheduler steps once per process (accelerate #2142);
-        # this one steps exactly once per optimizer step on every process.
-        from diffusers.optimization import get_scheduler
-
-        self.lr_scheduler = get_scheduler(
-            cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-            num_training_steps=self.max_train_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power,
-        )
-        # The training stream (latent draws, noise, timesteps), checkpointed with the run; other noise on every process.
-        self.generator = torch.Generator(device=device).manual_seed(seed + acc.process_index)
-        self.checkpointer = Checkpointer(acc, self.output_dir, self.identity, total_limit=cfg.checkpoints_total_limit)
-        if self.resume_path is not None:
-            self._resume()
-        elif cfg.resume_from_checkpoint:
-            logger.warning("no complete checkpoint of this run in %s; starting a new run", self.output_dir)
-        if self.global_step == 0 and acc.is_main_process and self.metrics_file.exists():
-            self.metrics_file.unlink()  # this run's own start before its first checkpoint: the log starts over
-        if acc.is_main_process:
-            flat = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
-            acc.init_trackers("ddiff", config=flat)
-        return self
 
     def _resume(self) -> None:
         path = self.resume_path
         self.global_step = self.checkpointer.load(path, self.resume_manifest, model=self.denoiser, optimizer=self.optimizer,
                                                   lr_scheduler=self.lr_scheduler, training_generator=self.generator)
-        if self.accelerator.is_main_process and self.metrics_file.exists():
-            # Steps logged after the checkpoint by the interrupted run are trained again: drop them (and a line
-            # cut short by a kill).
-            kept = []
-            for line in self.metrics_file.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] <= self.global_step:
-                        kept.append(line)
-                except (ValueError, KeyError, TypeError):
-                    continue
-            atomic_write_text(self.metrics_file, "".join(line + "\n" for line in kept))
+        if self.accelerator.is_main_process:
+            self.outputs.metrics.truncate_after(self.global_step)
         logger.info("resumed from %s at step %d", path, self.global_step)
-
-    def _build_features(self, device, denoiser) -> TrainingFeatures:
-        cfg, family, acc = self.config, self.family, self.accelerator
-        cache_dir = Path(cfg.feature_cache_dir or self.output_dir / "cache")
-        model = self.identity.settings["model"]
-        data = [r.digest for r in self.records]  # each image's content, wherever it came from
-        show = acc.is_local_main_process
-        latent_cache = text_cache = None
-        # The main process builds (or finds) each cache; the others then read the same file.
-        with acc.main_process_first():
-            if cfg.cache_latents:
-                random = cfg.random_flip or not cfg.center_crop  # only then do crops and flips depend on the seed
-                key = fingerprint({"kind": "latents", "family": family.name, "model": model, "dtype": str(self.weight_dtype),
-                                   "data": data, "resolution": cfg.resolution, "center_crop": cfg.center_crop,
-                                   "random_flip": cfg.random_flip, "seed": self.seed if random else None})
-                latent_cache = build_latent_cache(family, self.components["vae"], self.dataset,
-                                                  cache_dir / f"latents-{key}.safetensors", key, show_progress=show)
-            if cfg.cache_text_embeddings:
-                captions = [r.caption for r in self.records]
-                key = fingerprint({"kind": "text", "family": family.name, "model": model, "dtype": str(self.weight_dtype),
-                                   "captions": captions, "max_sequence_length": cfg.max_sequence_length})
-                text_cache = build_text_cache(family, self.components, captions, cache_dir / f"text-{key}.safetensors",
-                                              key, device=device, max_sequence_length=cfg.max_sequence_length, show_progress=show)
-        self.validator = None
-        if cfg.validation_prompts and acc.is_main_process:
-            # Assembled now, while the text encoders are still loaded; it keeps the VAE for decoding.
-            self.validator = ValidationRunner(
-                family, self.components, denoiser, cfg.validation_prompts, num_images=cfg.num_validation_images,
-                seed=self.seed, resolution=cfg.resolution, num_inference_steps=cfg.validation_inference_steps,
-                guidance_scale=cfg.validation_guidance_scale, max_sequence_length=cfg.max_sequence_length,
-                output_dir=self.output_dir, device=device, dtype=self.weight_dtype,
-            )
-        # Free what the caches cover: the training step never touches these again.
-        if latent_cache is not None and self.validator is None:  # validation decodes with the VAE
-            self.components["vae"] = None
-        if text_cache is not None:
-            for name in family.text_encoder_names:
-                self.components[name] = None
-        if latent_cache is not None or text_cache is not None:
-            import gc
-
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        return TrainingFeatures(family, self.components, device=device, max_sequence_length=cfg.max_sequence_length,
-                                latent_cache=latent_cache, text_cache=text_cache)
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> None:
@@ -337,18 +255,18 @@ class LoraTrainer:
         ga = cfg.gradient_accumulation_steps
         with self.profiler as profiler:
             for epoch in range(start_epoch, self.num_epochs):
-                self.sampler.set_epoch(epoch, skip_batches=resume_batches if epoch == start_epoch else 0)
-                position = self.sampler.skip
+                self.data.sampler.set_epoch(epoch, skip_batches=resume_batches if epoch == start_epoch else 0)
+                position = self.data.sampler.skip
                 group_losses, group_indices, step_start = [], [], time.perf_counter()
-                for batch in self.dataloader:
+                for batch in self.data.loader:
                     group_start = position - position % ga
                     group_len = min(ga, self.batches_per_epoch - group_start)
                     last_in_group = position - group_start == group_len - 1
                     position += 1
                     # Gradients are all-reduced only on the micro-batch that ends an optimizer step.
                     with nullcontext() if last_in_group else acc.no_sync(self.denoiser):
-                        loss = compute_loss(self.family, self.denoiser, self.features, self.latent_norm, batch,
-                                            self.generator, cfg, self.weight_dtype, autocast=acc.autocast())
+                        loss = compute_loss(self.objective, self.denoiser, self.features, self.latent_norm, batch,
+                                            self.generator, self.weight_dtype, autocast=acc.autocast())
                         acc.backward(loss / group_len)
                     group_losses.append(loss.detach())
                     group_indices += batch["indices"].tolist()
@@ -411,8 +329,7 @@ class LoraTrainer:
                   "step_time_s": seconds, "samples_per_s": samples / seconds}
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=self.global_step)
         if self.accelerator.is_main_process:
-            with open(self.metrics_file, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.outputs.metrics.append(record)
 
     # -- outputs -----------------------------------------------------------------------------
     def save(self) -> Path | None:
@@ -428,18 +345,14 @@ class LoraTrainer:
             logger.error("LoRA weights differ between processes: %s", digests)
         summary = {"global_step": self.global_step, "num_processes": acc.num_processes, "lora_sha256_per_process": digests,
                    "peak_memory_mb": peak_memory_mb(acc.device)}
-        atomic_write_text(self.output_dir / "run_summary.json", json.dumps(summary, indent=2) + "\n")
-        weights = save_lora(self.output_dir, self.family, denoiser, self.lora_config)
-        if cfg.lora_format == "kohya":
-            save_kohya_copy(self.output_dir, self.family, denoiser, self.lora_config)
+        self.outputs.write_summary(summary)
+        weights = self.outputs.write_lora(self.family, denoiser, self.lora_config, kohya=cfg.lora_format == "kohya")
         if self.validator is not None:
             self.validator.final_comparison()
         trigger = trigger_phrase([r.caption for r in self.records], cfg.instance_prompt)
-        write_model_card(self.output_dir, family=self.family, base_model=cfg.pretrained_model_name_or_path, trigger=trigger,
-                         config_dict=cfg.to_dict(), lora_config=self.lora_config, global_step=self.global_step)
-        atomic_write_text(self.output_dir / "training_config.yaml",
-                          f"# accelerate launch scripts/train_lora.py --config {self.output_dir / 'training_config.yaml'}\n"
-                          + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.outputs.write_card(family=self.family, base_model=cfg.pretrained_model_name_or_path, trigger=trigger,
+                                config_dict=cfg.to_dict(), lora_config=self.lora_config, global_step=self.global_step)
+        self.outputs.write_config(cfg.to_dict())
         return weights
 
     def cleanup(self) -> None:
@@ -453,6 +366,6 @@ class LoraTrainer:
             f"trained {self.global_step} steps; peak memory {peak:.0f} MiB\n"
             f"  LoRA:        {self.output_dir / 'pytorch_lora_weights.safetensors'}\n"
             f"  model card:  {self.output_dir / 'README.md'}\n"
-            f"  metrics:     {self.metrics_file}\n"
+            f"  metrics:     {self.outputs.metrics.path}\n"
             f"  TensorBoard: tensorboard --logdir {self.output_dir / self.config.logging_dir}"
         )

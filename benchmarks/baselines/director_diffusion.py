@@ -5,7 +5,6 @@ They exist only to be measured against ddiff's versions; the library never impor
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -14,8 +13,7 @@ import torch
 from ddiff_core.latents import sample_latents
 
 
-def compute_loss_inline_scaling(family, transformer, vae, latent_params, embeds, generator, config, weight_dtype,
-                                autocast):
+def compute_loss_inline_scaling(objective, transformer, vae, latent_params, embeds, generator, weight_dtype, autocast):
     """src/train.py compute_loss: the VAE shift/scale read from the config and applied inline (in two code
     paths; the one for this batch runs), instead of one normalization helper."""
     model_input = sample_latents(latent_params, generator)
@@ -29,7 +27,7 @@ def compute_loss_inline_scaling(family, transformer, vae, latent_params, embeds,
         model_input = (model_input - vae_config_shift_factor) * vae_config_scaling_factor
     embeds = {k: v.to(weight_dtype) for k, v in embeds.items()}
     with autocast:
-        return family.training_loss(transformer, model_input.to(weight_dtype), embeds, generator, config)
+        return objective.loss(transformer, model_input.to(weight_dtype), embeds, generator)
 
 
 def validation_with_reload(family, model_dir, denoiser, prompt_embeds: dict, seeds, resolution, steps, dtype):
@@ -79,32 +77,4 @@ def get_lora_options(lora_dir: Path) -> list[str]:
             card = path / "README.md"
             _ = card.read_text() if card.is_file() else ""
             options.append(name)
-    return options
-
-
-def build_items_with_appends(metadata_lines: list[str]) -> list[dict]:
-    """src/train.py:206-213: dataset items built by appending in a loop."""
-    items = []
-    for line in metadata_lines:
-        row = json.loads(line)
-        item = {}
-        item["file_name"] = row["file_name"]
-        item["text"] = row["text"]
-        items.append(item)
-    return items
-
-
-def caption_samples_with_appends(files: list[str], trigger: str) -> list[dict]:
-    """src/caption.py:61: caption samples appended one by one."""
-    samples = []
-    for f in files:
-        samples.append({"file_name": f, "text": f"{trigger} {Path(f).stem}, in {trigger} style"})
-    return samples
-
-
-def ui_options_with_appends(loras: list[str]) -> list[tuple[str, str]]:
-    """src/serve.py:486: UI options appended one by one."""
-    options = []
-    for name in loras:
-        options.append((name.replace("-", " ").title(), name))
     return options

@@ -12,7 +12,18 @@ from typing import Any, ClassVar
 
 import torch
 
+from ddiff_core.config import LossSettings
 from ddiff_core.latents import LatentNorm
+
+
+class TrainingObjective(ABC):
+    """One run's diffusion loss: everything made for the run (samplers, schedules) lives here, not on the family."""
+
+    @abstractmethod
+    def loss(self, denoiser, latents: torch.Tensor, embeds: dict[str, torch.Tensor], generator: torch.Generator,
+             conditioning: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The loss on normalized latents; all randomness from ``generator``. ``conditioning`` holds each image's
+        geometry (``original_size`` and ``crop_top_left`` rows, in pixels) for families that use it (SDXL)."""
 
 
 class ModelFamily(ABC):
@@ -118,29 +129,20 @@ class ModelFamily(ABC):
                                     max_sequence_length=max_sequence_length)
         return {**embeds, **{f"negative_{k}": v for k, v in empty.items()}}
 
-    def prepare_training(self, components: dict[str, Any]) -> None:
-        """Per-run set-up from the loaded components (timestep grids, scale factors)."""
-
-    def check_config(self, config) -> None:
+    def check_settings(self, settings: LossSettings, lora_format: str = "diffusers") -> None:
         """Raises ValueError for settings that do not apply to this family."""
-        if getattr(config, "lora_format", "diffusers") == "kohya" and self.kohya_prefix is None:
+        if lora_format == "kohya" and self.kohya_prefix is None:
             raise ValueError(f"--lora_format kohya is not available for {self.name}: diffusers has no converter for it")
         if not self.noise_prediction:
             for flag in ("snr_gamma", "noise_offset", "prediction_type"):
-                if getattr(config, flag, None):
+                if getattr(settings, flag):
                     raise ValueError(f"--{flag} applies to epsilon/v-prediction families, not {self.name}")
 
     # -- training --------------------------------------------------------------------------
     @abstractmethod
-    def training_loss(
-        self, denoiser, latents: torch.Tensor, embeds: dict[str, torch.Tensor], generator: torch.Generator, config,
-        conditioning: dict[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """One diffusion training loss on normalized latents; all randomness from ``generator``.
-
-        ``conditioning`` holds each image's geometry (``original_size`` and ``crop_top_left`` as (h, w) and (top,
-        left) rows, in pixels) for families that condition on it (SDXL).
-        """
+    def training_objective(self, components: dict[str, Any], settings: LossSettings) -> "TrainingObjective":
+        """The objective of one run (its timestep sampler, noise schedule and conditioning), made from the loaded
+        components; the run owns it, so two runs in one process never share state."""
 
     def lora_target_modules(self, lora_layers: str | None) -> list[str] | str:
         """A preset name or a comma-separated list of module names -> PEFT ``target_modules``."""
@@ -157,10 +159,3 @@ class ModelFamily(ABC):
             **{f"{self.denoiser_name}_lora_layers": lora_state},
             **{f"{self.denoiser_name}_lora_adapter_metadata": lora_config_dict},
         )
-
-    # -- tests -----------------------------------------------------------------------------
-    tiny_variants: ClassVar[tuple[str, ...]] = ()
-
-    @abstractmethod
-    def build_tiny(self, size: str = "tiny", seed: int = 0, variant: str | None = None):
-        """A random-weight pipeline of this family, built locally (nothing from the hub)."""

@@ -1,9 +1,23 @@
-"""Rectified-flow training maths shared by the flow-matching families (FLUX, SD3)."""
+"""What the rectified-flow families (FLUX, SD3) share: the double-stream LoRA targets, timestep sampling on the
+scheduler's grid, the straight noising path, the velocity loss, and the per-run objective that ties them together."""
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+from ddiff_core.config import LossSettings
+from ddiff_core.families.base import ModelFamily, TrainingObjective
+
+# Every linear layer of a double-stream (MM-DiT) block: image-stream and text-stream attention and feed-forward.
+DOUBLE_STREAM_TARGETS = [
+    "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
+    "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+]  # fmt: skip
+ATTENTION_TARGETS = DOUBLE_STREAM_TARGETS[:4]
 
 
 class FlowMatchingSampler:
@@ -18,17 +32,12 @@ class FlowMatchingSampler:
         self.timesteps = scheduler.timesteps.clone()
         self.sigmas = scheduler.sigmas.clone()
 
-    def sample(self, batch_size: int, generator: torch.Generator, config) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, batch_size: int, generator: torch.Generator, settings: LossSettings) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(timesteps, sigmas)`` for a batch, on the generator's device."""
         device = generator.device
         u = compute_density_for_timestep_sampling(
-            config.weighting_scheme,
-            batch_size,
-            logit_mean=config.logit_mean,
-            logit_std=config.logit_std,
-            mode_scale=config.mode_scale,
-            device=device,
-            generator=generator,
+            settings.weighting_scheme, batch_size, logit_mean=settings.logit_mean, logit_std=settings.logit_std,
+            mode_scale=settings.mode_scale, device=device, generator=generator,
         )
         indices = (u * self.num_train_timesteps).long().clamp_(max=self.num_train_timesteps - 1).cpu()
         return self.timesteps[indices].to(device), self.sigmas[indices].to(device)
@@ -48,3 +57,35 @@ def flow_matching_loss(
     weighting = compute_loss_weighting_for_sd3(weighting_scheme, sigmas.float()).view(-1, *([1] * (latents.ndim - 1)))
     error = weighting * (model_pred.float() - target.float()) ** 2
     return error.reshape(latents.shape[0], -1).mean(dim=1).mean()
+
+
+class FlowMatchingObjective(TrainingObjective):
+    """One run's rectified-flow loss: noise, then timesteps from the run's own sampler, then the family's velocity."""
+
+    def __init__(self, family: "FlowMatchingFamily", scheduler_config, settings: LossSettings):
+        self.family, self.settings = family, settings
+        self.sampler = FlowMatchingSampler(scheduler_config)
+
+    def loss(self, denoiser, latents, embeds, generator, conditioning=None):
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        timesteps, sigmas = self.sampler.sample(latents.shape[0], generator, self.settings)
+        pred = self.family.predict_velocity(denoiser, noisy_latents(latents, noise, sigmas), timesteps, embeds,
+                                            self.settings)
+        return flow_matching_loss(pred, latents, noise, sigmas, self.settings.weighting_scheme)
+
+
+class FlowMatchingFamily(ModelFamily):
+    """A rectified-flow family: it says how its denoiser predicts the velocity; the rest is shared."""
+
+    resolution_multiple = 16  # 8x VAE, then 2x2 patches or packing
+
+    def training_objective(self, components, settings):
+        return FlowMatchingObjective(self, components["scheduler"].config, settings)
+
+    def prompt_kwargs(self, max_sequence_length):
+        return {"max_sequence_length": max_sequence_length}
+
+    @abstractmethod
+    def predict_velocity(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, embeds: dict,
+                         settings: LossSettings) -> torch.Tensor:
+        """The denoiser's velocity prediction for ``noisy`` latents, in the latents' own layout."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ddiff_core.families.base import ModelFamily
+from ddiff_core.config import LossSettings
+from ddiff_core.families.base import ModelFamily, TrainingObjective
 
 _UNET_ATTENTION = ["to_k", "to_q", "to_v", "to_out.0"]
 
@@ -23,85 +24,52 @@ class UNetFamily(ModelFamily):
     uses_cfg = True
     kohya_prefix = "unet"
 
-    def __init__(self):
-        self._scheduler = None
-        self._vae_scale = 8
+    def training_objective(self, components, settings):
+        return NoisePredictionObjective(self, components, settings)
 
-    def prepare_training(self, components) -> None:
-        from diffusers import DDPMScheduler
-
-        # A private DDPM copy: the pipeline's own scheduler may be any sampler, and validation changes its state.
-        self._scheduler = DDPMScheduler.from_config(components["scheduler"].config)
-        vae_config = components["vae"].config if components.get("vae") is not None else None
-        if vae_config is not None:
-            self._vae_scale = 2 ** (len(vae_config.block_out_channels) - 1)
-
-    def _conditioning(self, embeds, latents, conditioning) -> dict:
+    def added_conditioning(self, embeds, latents, conditioning, vae_scale: int) -> dict:
+        """Extra keyword arguments of the UNet's forward (SDXL's micro-conditioning); none by default."""
         return {}
 
-    def training_loss(self, denoiser, latents, embeds, generator, config, conditioning=None):
+
+class NoisePredictionObjective(TrainingObjective):
+    """One run's DDPM loss: its own scheduler copy, epsilon or v target, optional Min-SNR weighting, noise offset."""
+
+    def __init__(self, family: UNetFamily, components, settings: LossSettings):
+        from diffusers import DDPMScheduler
+
+        self.family, self.settings = family, settings
+        # A private DDPM copy: the pipeline's own scheduler may be any sampler, and validation changes its state.
+        self.scheduler = DDPMScheduler.from_config(components["scheduler"].config)
+        vae = components.get("vae")
+        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        self.prediction_type = settings.prediction_type or self.scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"unsupported prediction type {self.prediction_type!r}")
+
+    def loss(self, denoiser, latents, embeds, generator, conditioning=None):
         from diffusers.training_utils import compute_snr
 
-        if self._scheduler is None:
-            raise RuntimeError("call prepare_training(components) before training_loss")
-        scheduler = self._scheduler
+        scheduler, settings = self.scheduler, self.settings
         bsz, device, dtype = latents.shape[0], latents.device, latents.dtype
         noise = torch.randn(latents.shape, generator=generator, device=device, dtype=dtype)
-        if getattr(config, "noise_offset", 0.0):
+        if settings.noise_offset:
             offset = torch.randn((bsz, latents.shape[1], 1, 1), generator=generator, device=device, dtype=dtype)
-            noise = noise + config.noise_offset * offset
+            noise = noise + settings.noise_offset * offset
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), generator=generator,
                                   device=device).long()
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        prediction_type = getattr(config, "prediction_type", None) or scheduler.config.prediction_type
-        if prediction_type == "epsilon":
-            target = noise
-        elif prediction_type == "v_prediction":
-            target = scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            raise ValueError(f"unsupported prediction type {prediction_type!r}")
-        pred = denoiser(noisy, timesteps, embeds["prompt_embeds"].to(device, dtype),
-                        **self._conditioning(embeds, latents, conditioning), return_dict=False)[0]
-        snr_gamma = getattr(config, "snr_gamma", None)
-        if not snr_gamma:
+        target = noise if self.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        extra = self.family.added_conditioning(embeds, latents, conditioning, self.vae_scale)
+        pred = denoiser(noisy, timesteps, embeds["prompt_embeds"].to(device, dtype), **extra, return_dict=False)[0]
+        if not settings.snr_gamma:
             return F.mse_loss(pred.float(), target.float(), reduction="mean")
         # Min-SNR weighting (Hang et al. 2023), as the upstream examples compute it.
         snr = compute_snr(scheduler, timesteps)
-        weights = torch.stack([snr, snr_gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
-        weights = weights / (snr + 1) if prediction_type == "v_prediction" else weights / snr
+        weights = torch.stack([snr, settings.snr_gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+        weights = weights / (snr + 1) if self.prediction_type == "v_prediction" else weights / snr
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
         return (loss * weights).mean()
-
-
-def _tiny_unet(size: str, cross_attention_dim: int, **extra):
-    from diffusers import UNet2DConditionModel
-
-    channels = (32, 64) if size == "tiny" else (64, 128, 256)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1 if size == "tiny" else 2,
-        block_out_channels=channels, norm_num_groups=8,
-        down_block_types=("CrossAttnDownBlock2D",) * (len(channels) - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(channels) - 1),
-        cross_attention_dim=cross_attention_dim, attention_head_dim=8, **extra,
-    )
-
-
-def _tiny_vae(scaling_factor: float):
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 32, 32),
-                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                         layers_per_block=1, norm_num_groups=8, sample_size=64, scaling_factor=scaling_factor)
-
-
-def _tiny_clip(tokenizer, hidden: int, projection: bool = False):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-                            projection_dim=hidden, bos_token_id=tokenizer.bos_token_id,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
 class SD15Family(UNetFamily):
@@ -130,24 +98,6 @@ class SD15Family(UNetFamily):
             prompt_embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
         return {"prompt_embeds": prompt_embeds}
 
-    def build_tiny(self, size="tiny", seed=0, variant=None):
-        from diffusers import DDPMScheduler, StableDiffusionPipeline
-
-        from ddiff_core.tokenizers import build_clip_tokenizer
-
-        tokenizer = build_clip_tokenizer()
-        torch.manual_seed(seed)
-        unet = _tiny_unet(size, cross_attention_dim=32)
-        torch.manual_seed(seed + 1)
-        vae = _tiny_vae(0.18215)
-        torch.manual_seed(seed + 2)
-        text_encoder = _tiny_clip(tokenizer, 32)
-        scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                  prediction_type="epsilon")
-        return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-
 
 class SDXLFamily(UNetFamily):
     name = "sdxl"
@@ -163,11 +113,11 @@ class SDXLFamily(UNetFamily):
                                                              do_classifier_free_guidance=False)
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
 
-    def _conditioning(self, embeds, latents, conditioning):
+    def added_conditioning(self, embeds, latents, conditioning, vae_scale):
         # Micro-conditioning on (original size, crop top-left, target size), as SDXL was trained: each image's real
         # size before resizing and where its crop starts in the resized image, in pixels.
         bsz, device, dtype = latents.shape[0], latents.device, latents.dtype
-        target = torch.tensor([latents.shape[-2] * self._vae_scale, latents.shape[-1] * self._vae_scale])
+        target = torch.tensor([latents.shape[-2] * vae_scale, latents.shape[-1] * vae_scale])
         if conditioning is None:  # no geometry given: the image is the target, uncropped
             original, crop = target.expand(bsz, 2), torch.zeros(bsz, 2)
         else:
@@ -175,24 +125,3 @@ class SDXLFamily(UNetFamily):
         time_ids = torch.cat([original.float(), crop.float(), target.float().expand(bsz, 2)], dim=1)
         return {"added_cond_kwargs": {"text_embeds": embeds["pooled_prompt_embeds"].to(device, dtype),
                                       "time_ids": time_ids.to(device, dtype)}}
-
-    def build_tiny(self, size="tiny", seed=0, variant=None):
-        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
-        from ddiff_core.tokenizers import build_clip_tokenizer
-
-        tokenizer, tokenizer_2 = build_clip_tokenizer(), build_clip_tokenizer()
-        torch.manual_seed(seed)
-        # addition_time_embed_dim 8: the added embedding takes 6 time ids x 8 + text_encoder_2's projection (32).
-        unet = _tiny_unet(size, cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
-                          projection_class_embeddings_input_dim=6 * 8 + 32, transformer_layers_per_block=1)
-        torch.manual_seed(seed + 1)
-        vae = _tiny_vae(0.13025)
-        torch.manual_seed(seed + 2)
-        text_encoder = _tiny_clip(tokenizer, 32)
-        torch.manual_seed(seed + 3)
-        text_encoder_2 = _tiny_clip(tokenizer_2, 32, projection=True)
-        scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                           prediction_type="epsilon", timestep_spacing="leading", steps_offset=1)
-        return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                         tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
