@@ -27,6 +27,7 @@ from ddiff_core.caching import build_training_features, release_covered_encoders
 from ddiff_core.config import LossSettings, TrainConfig
 from ddiff_core.data import load_records, screen_records
 from ddiff_core.families import get_family
+from ddiff_core.precision import dtype_of
 from ddiff_core.tiny import save_tiny_lora
 from ddiff_core.trainer import compute_loss
 from ddiff_core.validation import ValidationRunner
@@ -35,7 +36,6 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "benchmarks" / ".models"
 DEMO = REPO / "data" / "demo"
 RESOLUTION = {"tiny": 64, "small": 128}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class NotApplicable(Exception):
@@ -51,7 +51,7 @@ class Env:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return dtype_of(self.dtype)
 
     @property
     def resolution(self) -> int:

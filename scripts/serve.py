@@ -59,11 +59,11 @@ def main(argv=None) -> int:
 
     import torch
 
+    from ddiff_core.precision import dtype_of
     from ddiff_core.serving.app import StyleServer, build_app
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-        args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
+    dtype = dtype_of(args.dtype or ("bf16" if device.startswith("cuda") else "fp32"))
     server = StyleServer.load(family, args.pretrained_model_name_or_path, args.lora_dir, args.votes_db, device=device,
                               dtype=dtype, max_sequence_length=args.max_sequence_length)
     if not server.catalog.list():

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ddiff_core.captioning.base import DEFAULT_PROMPT, Captioner
+from ddiff_core.precision import dtype_of
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 
@@ -41,8 +42,7 @@ class VisionLanguageCaptioner(Captioner):
 
         check_remote_code_revision(trust_remote_code, revision)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-            dtype or ("bf16" if self.device.startswith("cuda") else "fp32")]
+        torch_dtype = dtype_of(dtype or ("bf16" if self.device.startswith("cuda") else "fp32"))
         source = model or DEFAULT_MODEL
         self.processor = AutoProcessor.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
         self.processor.tokenizer.padding_side = "left"  # generation continues from the right end of every row
