@@ -112,14 +112,14 @@ def _training(env: Env, *, gradient_checkpointing: bool = False, weight_dtype: t
     latent_norm = family.latent_norm(comps["vae"].config)
     records = _demo_records()
     data = build_data(records, cfg, seed=0)
-    features = build_training_features(
-        family, comps, data.dataset, records, cache_latents=cached, cache_text=cached,
-        cache_dir=Path(tempfile.mkdtemp(prefix="ddiff-bench-cache-")), model_id=f"{env.family}-{env.size}",
-        dtype=weight_dtype, seed=0, device=env.device, max_sequence_length=cfg.max_sequence_length, show_progress=False)
+    features = build_training_features(  # content-keyed caches: safe to share between cases and runs
+        family, comps, data.dataset, records, cache_latents=cfg.cache_latents, cache_text=cfg.cache_text_embeddings,
+        cache_dir=MODELS / "cache", model_id=f"{env.family}-{env.size}", dtype=weight_dtype, seed=cfg.seed,
+        device=env.device, max_sequence_length=cfg.max_sequence_length, show_progress=False)
     release_covered_encoders(features, keep_vae=keep_vae)  # as the trainer does once the caches cover them
     denoiser = comps[family.denoiser_name]
-    add_trainable_lora(denoiser, family, rank=cfg.rank, alpha=cfg.lora_alpha, dropout=0.0, lora_layers=None, seed=0,
-                       gradient_checkpointing=gradient_checkpointing)
+    add_trainable_lora(denoiser, family, rank=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                       lora_layers=cfg.lora_layers, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)
     denoiser.train()
     optimizer = build_optimizer(trainable_params(denoiser), cfg)
 
@@ -225,7 +225,6 @@ def lora_dir(env: Env, count: int = 3) -> Path:
 def serving(env: Env, variant: str):
     """Fix 3: a base pipeline plus one pipeline per LoRA vs one pipeline holding the LoRAs as named adapters.
     Timed: switching base -> LoRA -> base and generating one image each time."""
-    from ddiff_core.serving.adapters import AdapterBank, LoraCatalog
 
     family = get_family(env.family)
     loras = lora_dir(env)
@@ -242,15 +241,17 @@ def serving(env: Env, variant: str):
             for name in (None, names[0], None):
                 server.pipeline_for(name)(**kwargs, generator=torch.Generator().manual_seed(0))
         return request
-    pipe = family.load_pipeline(str(model_dir(env.size, env.family)), dtype=env.torch_dtype).to(env.device)
-    pipe.set_progress_bar_config(disable=True)
-    bank = AdapterBank(pipe, LoraCatalog(loras))
+    from ddiff_core.serving.server import StyleServer
+
+    server = StyleServer.load(family, str(model_dir(env.size, env.family)), loras,
+                              Path(tempfile.mkdtemp()) / "votes.sqlite", device=env.device, dtype=env.torch_dtype,
+                              max_sequence_length=64)
 
     def request():
         for name in (None, names[0], None):
-            with bank.lock:
-                bank.select(name)
-                pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+            with server.bank.lock:
+                server.bank.select(name)
+                server.pipeline(**kwargs, generator=torch.Generator().manual_seed(0))
     return request
 
 

@@ -16,15 +16,16 @@ def cpu_description() -> tuple[str, str]:
     """The CPU's model name and the vector instruction sets that decide CPU matmul speed (bf16 above all)."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model in ("", platform.machine()):
+                    model = value.strip()
+                elif key.strip() in ("flags", "Features"):  # x86, Arm
+                    flags = set(value.split())
     except OSError:
         pass
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "sve")
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "bf16", "sve")
     return model, " ".join(f for f in wanted if f in flags) or "unknown"
 
 

@@ -78,7 +78,7 @@ def full_model(bench_env):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
-    objective = family.training_objective({"scheduler": scheduler}, LossSettings())
+    objective = family.training_objective({"scheduler": scheduler}, LossSettings.from_config())
     return objective, model
 
 

@@ -84,8 +84,6 @@ def build_optimizer(params, config: TrainConfig, lr: float | None = None) -> tor
     else:
         optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=config.adam_weight_decay,
                                       eps=config.adam_epsilon)
-    for group in optimizer.param_groups:
-        group["initial_lr"] = lr
     return optimizer
 
 

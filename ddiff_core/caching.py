@@ -6,6 +6,7 @@ settings); a later run with the same fingerprint reuses it, any change builds a 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -163,8 +164,6 @@ def build_training_features(family, components: dict, dataset, records, *, cache
 def release_covered_encoders(features: TrainingFeatures, *, keep_vae: bool = False) -> list[str]:
     """Frees the encoders the caches cover (the training step never touches them again); ``keep_vae`` when
     validation still decodes with it. Returns the names freed."""
-    import gc
-
     components, freed = features.components, []
     if features.latent_cache is not None and not keep_vae:
         freed.append("vae")

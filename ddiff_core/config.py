@@ -149,17 +149,19 @@ class TrainConfig:
 class LossSettings:
     """What a family's training objective reads: the loss and timestep settings, typed, nothing else of the run."""
 
-    weighting_scheme: str = "none"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
-    guidance_scale: float = 3.5
-    snr_gamma: float | None = None
-    noise_offset: float = 0.0
-    prediction_type: str | None = None
+    weighting_scheme: str
+    logit_mean: float
+    logit_std: float
+    mode_scale: float
+    guidance_scale: float
+    snr_gamma: float | None
+    noise_offset: float
+    prediction_type: str | None
 
     @classmethod
-    def from_config(cls, config: TrainConfig) -> "LossSettings":
+    def from_config(cls, config: TrainConfig | None = None) -> "LossSettings":
+        """The settings of ``config`` (the defaults when None): TrainConfig holds the one copy of each default."""
+        config = config or TrainConfig()
         return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
 

@@ -1,7 +1,7 @@
 """The LoRA training run: setup from a TrainConfig, the optimizer-step loop, and the outputs.
 
-The loop knows nothing of any model family; it asks the family plugin for the loss and the
-TrainingFeatures object for each batch's latents and text embeddings.
+The loop knows nothing of any model family; it asks the run's TrainingObjective (made by the family plugin) for the
+loss and the TrainingFeatures object for each batch's latents and text embeddings.
 """
 
 from __future__ import annotations
@@ -110,6 +110,10 @@ class LoraTrainer:
             raise DataError(f"no usable images in {source}: all {len(self.skipped)} were skipped "
                             f"({'; '.join(f'{n}: {r}' for n, r in self.skipped[:3])})")
         mixed_precision = cfg.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION") or "no"
+        try:
+            dtype_of(mixed_precision)
+        except ValueError as err:  # e.g. fp8 from an accelerate config
+            raise ConfigError(f"mixed precision {mixed_precision!r} is not supported (no, fp16 or bf16)") from err
         model = model_identity(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
         self.identity = RunIdentity.of(dataclasses.replace(cfg, mixed_precision=mixed_precision), self.family.name,
                                        model, data_identity(self.records))

@@ -102,16 +102,14 @@ def _free_port() -> int:
 
 
 def initial_lora(model: Path, family: str = "flux", seed: int = 0, rank: int = 4) -> dict:
-    """The LoRA a run with this seed and rank starts from (the trainer seeds right before adding it), keyed as saved."""
-    import torch
-
+    """The LoRA a run with this seed and rank starts from (built as the trainer builds it), keyed as saved."""
+    from ddiff_core.builders import add_trainable_lora
     from ddiff_core.families import get_family
-    from ddiff_core.lora import add_lora, lora_state_dict
+    from ddiff_core.lora import lora_state_dict
 
     fam = get_family(family)
     denoiser = fam.load_components(str(model))[fam.denoiser_name]
-    torch.manual_seed(seed)
-    add_lora(denoiser, fam, rank=rank, alpha=rank, dropout=0.0, lora_layers=None)
+    add_trainable_lora(denoiser, fam, rank=rank, alpha=rank, dropout=0.0, lora_layers=None, seed=seed)
     return {f"{fam.denoiser_name}.{k}": v for k, v in lora_state_dict(denoiser).items()}
 
 

@@ -16,7 +16,7 @@ from ddiff_core.captioning.template import TemplateCaptioner
 from ddiff_core.captioning.vlm import VisionLanguageCaptioner
 from ddiff_core.data import DataError
 
-from .conftest import DEMO_DATA, REPO, run_main, run_script, start_script, train_args
+from .conftest import DEMO_DATA, run_main, run_script, start_script, train_args
 
 
 @pytest.fixture(scope="session")

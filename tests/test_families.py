@@ -12,11 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from ddiff_core.families import available_families, get_family, resolve_family
-from ddiff_core.tiny import save_tiny_pipeline
+from ddiff_core.tiny import TINY_BUILDERS, save_tiny_pipeline
 
 from .conftest import REPO, assert_same_training, initial_lora, run_main, run_script, train_args
 
-CASES = [(name, None) for name in available_families()] + [("flux", "schnell")]
+# Every built-in family with a tiny builder (a third party's family needs none), and FLUX.1-schnell.
+CASES = [(name, None) for name in TINY_BUILDERS] + [("flux", "schnell")]
 IDS = [f"{n}-{v}" if v else n for n, v in CASES]
 # FLUX.1-dev itself trains and resumes in depth in test_train.py and test_resume.py; these train the others.
 OTHERS = [(case, id_) for case, id_ in zip(CASES, IDS) if case != ("flux", None)]
@@ -43,6 +44,7 @@ def _assert_equal(a, b):
 def test_family_is_detected_from_model_index(family_model):
     name, _, path = family_model
     assert resolve_family(path).name == name
+    assert set(TINY_BUILDERS) <= set(available_families())
 
 
 @trains_others

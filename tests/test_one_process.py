@@ -30,11 +30,20 @@ def test_runs_set_up_side_by_side_train_what_each_trains_alone(tiny_flux, tmp_pa
     scheduler_config = other_schedule / "scheduler" / "scheduler_config.json"
     scheduler_config.write_text(json.dumps({**json.loads(scheduler_config.read_text()), "shift": 3.0,
                                             "use_dynamic_shifting": False}))
-    runs = {"flux": tiny_flux, "sdxl": sdxl, "flux-shift3": other_schedule}
-    common = ["--max_train_steps", "3", "--learning_rate", "1e-2", "--weighting_scheme", "logit_normal"]
+    sd15 = save_tiny_pipeline("sd15", tmp_path / "sd15")
+    common = ["--max_train_steps", "3", "--learning_rate", "1e-2"]
+    runs = {  # model, and settings an objective reads: any of them kept on a shared family would leak
+        "flux": (tiny_flux, ["--weighting_scheme", "logit_normal", "--guidance_scale", "3.5"]),
+        "flux-shift3": (other_schedule, ["--weighting_scheme", "logit_normal", "--logit_mean", "0.5",
+                                         "--guidance_scale", "1.0"]),
+        "sdxl": (sdxl, ["--snr_gamma", "5"]),
+        "sdxl-v": (sdxl, ["--prediction_type", "v_prediction", "--noise_offset", "0.1"]),
+        "sd15": (sd15, []),
+    }
 
     def config(name, out):
-        return parse_config(train_args(runs[name], out / name, *common))
+        model, extra = runs[name]
+        return parse_config(train_args(model, out / name, *common, *extra))
 
     for name in runs:  # alone: set up, trained and saved before the next one exists
         _finish(LoraTrainer(config(name, tmp_path / "alone")).setup())

@@ -6,6 +6,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def make_loras(model: Path, root: Path, names, family: str = "flux") -> Path:
 
 
 class Server:
-    def __init__(self, model, loras, votes, *extra):
+    def __init__(self, model, loras, votes, *extra, env=None, client=True):
         self.gradio_client = pytest.importorskip("gradio_client")  # here: tests without a server do not need it
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
@@ -36,7 +37,7 @@ class Server:
                "--lora_dir", str(loras), "--votes_db", str(votes), "--port", str(self.port),
                "--max_sequence_length", "32", *extra]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+                                     env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})})
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -48,10 +49,20 @@ class Server:
                 time.sleep(0.5)
         else:
             raise AssertionError("server did not start")
-        self.client = self.gradio_client.Client(self.url, verbose=False)
+        self.client = self.gradio_client.Client(self.url, verbose=False) if client else None
 
     def call(self, api, *args):
         return self.client.predict(*args, api_name=api)
+
+    def http(self, path, *, method="GET", body=b"", headers=None):
+        """(status, headers, body) of a plain HTTP request to the server (loopback only)."""
+        request = urllib.request.Request(self.url.rstrip("/") + path, data=body if method == "POST" else None,
+                                         method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as err:
+            return err.code, dict(err.headers), err.read()
 
     def stop(self):
         self.proc.terminate()
@@ -61,8 +72,10 @@ class Server:
 @pytest.fixture(scope="module")
 def served(tiny_flux, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    loras = make_loras(tiny_flux, root / "loras", ["nolan-style", "villeneuve-style"])
-    server = Server(tiny_flux, loras, root / "votes.sqlite")
+    loras = make_loras(tiny_flux, root / "loras", ["nolan-style", "villeneuve-style", "nolan.v2"])
+    (loras / "broken").mkdir()  # a corrupt LoRA: a safetensors header claiming 2^60 bytes
+    (loras / "broken" / "pytorch_lora_weights.safetensors").write_bytes((2**60).to_bytes(8, "little") + b"{}")
+    server = Server(tiny_flux, loras, root / "votes.sqlite", "--generations_per_minute", "1000")
     yield server, loras, root
     server.stop()
 
@@ -118,11 +131,12 @@ def test_bad_requests_are_refused_with_a_message(served, args, message):
     (("a", 2, 100, 3.5, 0), "size 100 is not one of"),
     (("a", 2, 64, -1.0, 0), "guidance must be between"),
     (("a", 2, 64, 3.5, 2**32), "seed must be between"),
+    (("a", 50, 1024, 3.5, 0), "more work than this server allows"),
     (("a", "two", 64, 3.5, 0), "whole numbers"),
     ((None, 2, 64, 3.5, 0), "prompt is empty"),
 ])
 def test_check_request_bounds_everything_on_the_server(args, message):
-    from ddiff_core.serving.app import Limits, RequestError, check_request
+    from ddiff_core.serving.server import Limits, RequestError, check_request
 
     with pytest.raises(RequestError, match=message):
         check_request(Limits(), *args)
@@ -140,7 +154,7 @@ def test_a_new_lora_is_picked_up_without_restart(served, tiny_flux):
 
 def test_blind_vote_lands_in_sqlite_and_survives_a_restart(served, tiny_flux):
     server, loras, root = served
-    left, right, token = server.call("/blind", "a bridge", "nolan-style", 5, 2, 64, 3.5)
+    left, right, token = server.call("/blind", "a bridge", "nolan-style", 2, 64, 3.5)  # no seed: the server draws it
     assert Path(left).exists() and Path(right).exists() and len(token) == 32
     winner, table = server.call("/vote", token, "left")
     assert winner in ("base", "lora")
@@ -150,13 +164,136 @@ def test_blind_vote_lands_in_sqlite_and_survives_a_restart(served, tiny_flux):
         server.call("/vote", "0" * 32, "left")
     with sqlite3.connect(root / "votes.sqlite") as db:
         assert db.execute("SELECT lora, winner FROM votes").fetchall() == [("nolan-style", winner)]
+        assert "127.0.0.1" not in str(db.execute("SELECT client FROM votes").fetchall())  # a keyed hash, not the address
     fresh = Server(tiny_flux, loras, root / "votes.sqlite")  # a new process on the same file: a restart
     try:
-        _, _, token = fresh.call("/blind", "a bridge", "nolan-style", 6, 2, 64, 3.5)
+        _, _, token = fresh.call("/blind", "a bridge", "nolan-style", 2, 64, 3.5)
         _, table = fresh.call("/vote", token, "right")
         assert table["data"][0][:2] == ["nolan-style", 2]  # the vote cast before the restart is counted
+        assert len(table["data"][0]) == 5 and "%-" in table["data"][0][4]  # wins, votes, rate, 95% interval
     finally:
         fresh.stop()
+
+
+def _sha(path):
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_a_blind_pair_cannot_be_linked_to_other_outputs(served):
+    """De-blinding by comparing files: the pair's seed is the server's, and its files carry a nonce."""
+    server, _, _ = served
+    pair = server.call("/blind", "a bridge at dawn", "villeneuve-style", 2, 64, 3.5)
+    again = server.call("/blind", "a bridge at dawn", "villeneuve-style", 2, 64, 3.5)
+    others = [f for seed in range(3) for f in server.call("/compare", "a bridge at dawn", "villeneuve-style", seed,
+                                                           2, 64, 3.5)]
+    pair_hashes = {_sha(pair[0]), _sha(pair[1])}
+    assert len(pair_hashes | {_sha(again[0]), _sha(again[1])}) == 4
+    assert not pair_hashes & {_sha(f) for f in others}
+    from ddiff_core.serving.server import StyleServer
+
+    image = Image.open(pair[0])
+    assert _sha(StyleServer._pair_file(server_stub(), image)) != _sha(StyleServer._pair_file(server_stub(), image))
+
+
+def server_stub():
+    """Just what ``_pair_file`` reads: a folder and the pair lifetime."""
+    import tempfile
+    from types import SimpleNamespace
+
+    return SimpleNamespace(_pairs=tempfile.TemporaryDirectory(), votes=SimpleNamespace(pair_ttl_s=600))
+
+
+def test_votes_expire_and_are_bounded_per_client(tmp_path):
+    from ddiff_core.serving.votes import VoteStore, wilson_interval
+
+    store = VoteStore(tmp_path / "v.sqlite", pair_ttl_s=0.0, votes_per_hour=2)
+    token, _, _ = store.new_pair("nolan", "a cat", "10.0.0.1")
+    time.sleep(0.01)
+    with pytest.raises(ValueError, match="expired"):
+        store.vote(token, "left", "10.0.0.1")
+    store = VoteStore(tmp_path / "v.sqlite", votes_per_hour=2)  # the same file, pairs that live
+    tokens = [store.new_pair("nolan", "a cat", "10.0.0.1")[0] for _ in range(3)]
+    store.vote(tokens[0], "left", "10.0.0.1")
+    store.vote(tokens[1], "left", "10.0.0.1")
+    with pytest.raises(ValueError, match="vote limit"):
+        store.vote(tokens[2], "left", "10.0.0.1")
+    store.vote(tokens[2], "left", "10.0.0.2")  # another client still may
+    (lora, wins, votes, low, high), = store.results()
+    assert (lora, votes) == ("nolan", 3) and 0 <= low <= wins / votes <= high <= 1
+    assert wilson_interval(0, 0) == (0.0, 1.0) and wilson_interval(50, 100)[0] > 0.39
+
+
+def test_bad_lora_folders_are_listed_and_the_rest_served(served, tiny_flux):
+    """A corrupt file and a folder name with a dot, at start and after a refresh; a retrained LoRA is reloaded."""
+    server, loras, root = served
+    status = server.call("/styles_refresh")[3]
+    assert "broken" in status and "not a readable safetensors file" in status
+    assert str(loras) not in status and str(root) not in status  # no server paths
+    dotted = server.call("/single", "<nolan.v2> a cat", "nolan.v2", 1, 2, 64, 3.5)
+    with pytest.raises(Exception, match="unavailable"):
+        server.call("/single", "a cat", "broken", 1, 2, 64, 3.5)
+    # after start: another corrupt folder and another dotted one
+    (loras / "broken.too").mkdir()
+    (loras / "broken.too" / "pytorch_lora_weights.safetensors").write_bytes(b"not a safetensors file")
+    make_loras(tiny_flux, root / "more", ["lynch.2"])
+    shutil.copytree(root / "more" / "lynch.2", loras / "lynch.2")
+    assert not torch.equal(_pixels(server.call("/single", "<lynch.2> a cat", "lynch.2", 1, 2, 64, 3.5)),
+                           _pixels(server.call("/single", "<lynch.2> a cat", "(base model)", 1, 2, 64, 3.5)))
+    assert "broken.too" in server.call("/styles_refresh")[3]
+    # retrained under the same name: the new weights are served at the next request
+    from ddiff_core.families import get_family
+    from ddiff_core.tiny import save_tiny_lora
+
+    fam = get_family("flux")
+    save_tiny_lora("flux", fam.load_components(str(tiny_flux))["transformer"], root / "retrained" / "nolan.v2", seed=7,
+                   trigger="<nolan.v2>")
+    os.replace(root / "retrained" / "nolan.v2" / "pytorch_lora_weights.safetensors",
+               loras / "nolan.v2" / "pytorch_lora_weights.safetensors")
+    retrained = server.call("/single", "<nolan.v2> a cat", "nolan.v2", 1, 2, 64, 3.5)
+    assert not torch.equal(_pixels(dotted), _pixels(retrained))
+
+
+def test_the_guard_refuses_what_the_page_never_needs(served):
+    server, _, root = served
+    status, _, _ = server.http("/gradio_api/run/compare", method="POST", headers={"Content-Type": "application/json"},
+                               body=b'{"data": ["a cat", "nolan-style", 0, 2, 64, 3.5]}')
+    assert status in (403, 404)  # a direct run would skip the queue
+    status, _, body = server.http("/gradio_api/upload", method="POST", body=b"x" * 1000,
+                                  headers={"Content-Type": "application/octet-stream"})
+    assert status == 403 and b"no uploads" in body
+    assert server.http("/", headers={"Host": "rebind.example:7860"})[0] == 421  # DNS rebinding
+    status, headers, _ = server.http("/gradio_api/queue/join", method="POST", body=b"{}",
+                                     headers={"Origin": "http://evil.example", "Content-Type": "application/json"})
+    assert status == 403 and "access-control-allow-origin" not in {k.lower() for k in headers}
+    assert server.http("/", headers={"Host": f"localhost:{server.port}"})[0] == 200
+
+
+def test_rate_limits_auth_from_the_environment_and_failed_logins(tiny_flux, tmp_path):
+    loras = make_loras(tiny_flux, tmp_path / "loras", ["nolan-style"])
+    strict = Server(tiny_flux, loras, tmp_path / "votes.sqlite", "--generations_per_minute", "2",
+                    env={"DDIFF_SERVE_AUTH": "director:s3cret-pass"}, client=False)
+    try:
+        assert "s3cret" not in " ".join(strict.proc.args)  # the password is not on the command line
+        assert strict.http("/config")[0] in (401, 403)  # nothing without logging in
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        wrong = [strict.http("/login", method="POST", body=b"username=director&password=guess", headers=form)[0]
+                 for _ in range(11)]
+        assert wrong[:10] == [400] * 10 and wrong[10] == 429
+        joins = [strict.http("/gradio_api/queue/join", method="POST", body=b"{}",
+                             headers={"Content-Type": "application/json"})[0] for _ in range(3)]
+        assert joins[2] == 429 and 429 not in joins[:2]
+    finally:
+        strict.stop()
+
+
+def test_votes_db_inside_the_lora_folder_is_refused(tiny_flux, tmp_path, capsys):
+    from .conftest import run_main
+
+    code, stderr = run_main("serve.py", ["--pretrained_model_name_or_path", str(tiny_flux), "--lora_dir", str(tmp_path),
+                                         "--votes_db", str(tmp_path / "votes.sqlite")], capsys)
+    assert code == 2 and "is inside --lora_dir" in stderr.strip().splitlines()[-1]
 
 
 def test_refuses_a_public_address_without_auth(tiny_flux, tmp_path):
@@ -164,7 +301,7 @@ def test_refuses_a_public_address_without_auth(tiny_flux, tmp_path):
                              str(tiny_flux), "--lora_dir", str(tmp_path), "--host", "0.0.0.0"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert "refusing to listen on 0.0.0.0 without --auth" in result.stderr.strip().splitlines()[-1]
+    assert "refusing to listen on 0.0.0.0 without a login" in result.stderr.strip().splitlines()[-1]
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -197,7 +334,7 @@ def test_page_in_a_real_browser(served, tmp_path):
 def test_serves_every_family(family, tmp_path):
     """The adapter bank on each family's pipeline, in this process (the web layer is the one tested above)."""
     from ddiff_core.families import get_family
-    from ddiff_core.serving.app import StyleServer
+    from ddiff_core.serving.server import StyleServer
     from ddiff_core.tiny import save_tiny_pipeline
 
     model = save_tiny_pipeline(family, tmp_path / "model")

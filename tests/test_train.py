@@ -6,7 +6,6 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from .conftest import REPO, assert_same_training, initial_lora, run_main, run_script, train_args
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from ddiff_core.checkpoint import MANIFEST, CheckpointError, Checkpointer
 
-from .conftest import REPO, run_main, run_script, train_args
+from .conftest import run_main, run_script, train_args
 
 RUN = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-3", "--cache_latents"]
 

@@ -137,6 +137,9 @@ class ModelFamily(ABC):
             for flag in ("snr_gamma", "noise_offset", "prediction_type"):
                 if getattr(settings, flag):
                     raise ValueError(f"--{flag} applies to epsilon/v-prediction families, not {self.name}")
+        elif settings.weighting_scheme != "none":
+            raise ValueError(f"--weighting_scheme applies to flow-matching families, not {self.name} "
+                             "(use --snr_gamma for Min-SNR weighting)")
 
     # -- training --------------------------------------------------------------------------
     @abstractmethod
@@ -147,9 +150,10 @@ class ModelFamily(ABC):
     def lora_target_modules(self, lora_layers: str | None) -> list[str] | str:
         """A preset name or a comma-separated list of module names -> PEFT ``target_modules``."""
         if not lora_layers:
-            return self.lora_presets[self.default_lora_preset]
+            lora_layers = self.default_lora_preset
         if lora_layers in self.lora_presets:
-            return self.lora_presets[lora_layers]
+            preset = self.lora_presets[lora_layers]
+            return preset if isinstance(preset, str) else list(preset)
         return [name.strip() for name in lora_layers.split(",") if name.strip()]
 
     def save_lora_weights(self, output_dir: str, lora_state: dict[str, torch.Tensor], lora_config_dict: dict) -> None:

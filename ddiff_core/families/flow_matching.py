@@ -12,11 +12,11 @@ from ddiff_core.config import LossSettings
 from ddiff_core.families.base import ModelFamily, TrainingObjective
 
 # Every linear layer of a double-stream (MM-DiT) block: image-stream and text-stream attention and feed-forward.
-DOUBLE_STREAM_TARGETS = [
+DOUBLE_STREAM_TARGETS = (
     "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
     "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
-]  # fmt: skip
+)  # fmt: skip
 ATTENTION_TARGETS = DOUBLE_STREAM_TARGETS[:4]
 
 

@@ -1,44 +1,93 @@
 """AdapterBank: one set of base weights, each LoRA folder loaded once as a named adapter, switched per request.
 
-The LoRA list is read once and cached; it is read again only when the LoRA folder changes.
+The LoRA list is read once and cached; it is read again only when the LoRA folder changes. A folder that cannot be
+loaded is listed as unavailable with its reason and never stops the server; a LoRA whose file changed is loaded again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import safe_open
+
 from ddiff_core.lora import LORA_WEIGHTS_NAME
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+logger = logging.getLogger(__name__)
+MAX_LORA_BYTES = 4 << 30  # a FLUX LoRA at rank 128 is ~1.2 GB; anything larger is not a LoRA to serve
+
+
+def adapter_name(folder: str) -> str:
+    """A valid, unique adapter name for any folder name (PEFT refuses dots, and module names must be identifiers)."""
+    safe = re.sub(r"[^A-Za-z0-9_]", "_", folder)
+    if safe == folder and not folder[:1].isdigit():
+        return folder
+    return f"lora_{safe}_{hashlib.sha256(folder.encode()).hexdigest()[:8]}"
 
 
 @dataclass(frozen=True)
 class LoraInfo:
-    name: str
+    name: str  # the folder's name: what the page shows and a request names
     path: Path
     trigger: str | None
+    stamp: tuple = ()  # (size, mtime) of the weights file: a change means a retrained LoRA
+    error: str | None = None  # why it cannot be served, or None
+
+    @property
+    def adapter(self) -> str:
+        return adapter_name(self.name)
 
 
 def _card_trigger(card: Path) -> str | None:
-    if not card.is_file():
+    if not card.is_file() or card.is_symlink() or card.stat().st_size > 1 << 20:
         return None
-    match = re.search(r"^instance_prompt:\s*\"?([^\"\n]+?)\"?\s*$", card.read_text(), re.MULTILINE)
+    match = re.search(r"^instance_prompt:\s*\"?([^\"\n]+?)\"?\s*$", card.read_text(errors="replace"), re.MULTILINE)
     return None if not match or match.group(1) == "null" else match.group(1)
 
 
+def _problem(folder: Path, root: Path) -> str | None:
+    """Why a LoRA folder cannot be served (checked before diffusers sees it), or None."""
+    weights = folder / LORA_WEIGHTS_NAME
+    if folder.is_symlink() or weights.is_symlink():
+        return "a symlink (only plain folders and files are served)"
+    size = weights.stat().st_size
+    if size > MAX_LORA_BYTES:
+        return f"{LORA_WEIGHTS_NAME} is {size / 2**30:.1f} GiB, over the {MAX_LORA_BYTES / 2**30:.0f} GiB limit"
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            if not list(f.keys()):
+                return f"{LORA_WEIGHTS_NAME} holds no tensors"
+    except Exception as err:  # whatever the file is, the server goes on
+        return f"{LORA_WEIGHTS_NAME} is not a readable safetensors file ({_scrub(str(err), root)})"
+    return None
+
+
+def _scrub(message: str, root: Path) -> str:
+    """One line without the server's absolute paths."""
+    message = message.splitlines()[0] if message else ""
+    for path in {str(root.resolve()), str(root)}:
+        message = message.replace(path, "<lora_dir>")
+    return re.sub(r"(/[^\s'\"]+)+", "<path>", message)[:200]
+
+
 def scan_lora_dir(lora_dir: Path) -> list[LoraInfo]:
-    """Sub-folders holding ``pytorch_lora_weights.safetensors``, sorted by name; names are plain folder names."""
+    """Sub-folders holding ``pytorch_lora_weights.safetensors``, sorted by name; each checked, none loaded."""
     lora_dir = Path(lora_dir)
     if not lora_dir.is_dir():
         return []
-    return [
-        LoraInfo(p.name, p, _card_trigger(p / "README.md"))
-        for p in sorted(lora_dir.iterdir())
-        if p.is_dir() and _NAME.match(p.name) and (p / LORA_WEIGHTS_NAME).is_file()
-    ]
+    found = []
+    for folder in sorted(lora_dir.iterdir()):
+        weights = folder / LORA_WEIGHTS_NAME
+        if folder.name.startswith(".") or not folder.is_dir() or not weights.is_file():
+            continue
+        stat = weights.stat()
+        found.append(LoraInfo(folder.name, folder, _card_trigger(folder / "README.md"), (stat.st_size, stat.st_mtime_ns),
+                              _problem(folder, lora_dir)))
+    return found
 
 
 class LoraCatalog:
@@ -64,7 +113,7 @@ class LoraCatalog:
         return self._items
 
     def get(self, name: str) -> LoraInfo:
-        """A LoRA by name from the loaded set; anything else (paths, ``..``, URLs) is a KeyError."""
+        """A LoRA by name from the listed set; anything else (paths, ``..``, URLs) is a KeyError."""
         for item in self.list():
             if item.name == name:
                 return item
@@ -72,24 +121,63 @@ class LoraCatalog:
 
 
 class AdapterBank:
-    """One pipeline; every LoRA of a catalog loaded once as a named adapter; ``select`` switches per request."""
+    """One pipeline; every servable LoRA of a catalog loaded once as a named adapter; ``select`` switches."""
 
     def __init__(self, pipeline, catalog: LoraCatalog):
         self.pipeline, self.catalog = pipeline, catalog
         self.loaded: dict[str, LoraInfo] = {}
-        self.lock = threading.Lock()  # adapter selection is pipeline-wide state
+        self._failed: dict[str, tuple[tuple, str]] = {}  # name -> (file stamp, reason)
+        self.lock = threading.RLock()  # adapters and their selection are pipeline-wide state
         self.sync()
 
     def sync(self) -> None:
-        """Loads adapters for LoRAs that appeared since the last call (safetensors only, never pickle)."""
-        for item in self.catalog.list():
-            if item.name not in self.loaded:
-                self.pipeline.load_lora_weights(str(item.path), weight_name=LORA_WEIGHTS_NAME, adapter_name=item.name,
-                                                use_safetensors=True)
-                self.loaded[item.name] = item
+        """Brings the adapters in line with the folder: loads new LoRAs, reloads changed ones, drops removed ones.
+        Only safetensors is ever read (never pickle); a LoRA that fails is listed as unavailable and logged, and is
+        tried again only once its file changes."""
+        with self.lock:  # never while another thread generates
+            self._sync()
+
+    def _sync(self) -> None:
+        items = {item.name: item for item in self.catalog.list()}
+        for name, info in list(self.loaded.items()):
+            if name not in items or items[name].stamp != info.stamp:
+                self.pipeline.delete_adapters(info.adapter)
+                del self.loaded[name]
+        self._failed = {name: failed for name, failed in self._failed.items()
+                        if name in items and items[name].stamp == failed[0]}
+        for name, item in items.items():
+            if name in self.loaded or name in self._failed:
+                continue
+            reason = item.error or self._load(item)
+            if reason is None:
+                self.loaded[name] = item
+            else:
+                logger.warning("LoRA %s is unavailable: %s", name, reason)
+                self._failed[name] = (item.stamp, reason)
+
+    @property
+    def unavailable(self) -> dict[str, str]:
+        """name -> why it is not served (shown on the page; no server paths)."""
+        return {name: reason for name, (_, reason) in self._failed.items()}
+
+    def _load(self, item: LoraInfo) -> str | None:
+        try:
+            self.pipeline.load_lora_weights(str(item.path), weight_name=LORA_WEIGHTS_NAME, adapter_name=item.adapter,
+                                            use_safetensors=True)
+            return None
+        except Exception as err:  # a LoRA for another model, a broken file: the server goes on
+            try:
+                self.pipeline.delete_adapters(item.adapter)  # whatever part of it was added
+            except Exception:
+                pass
+            return f"does not load into this model ({type(err).__name__}: {_scrub(str(err), self.catalog.lora_dir)})"
 
     def select(self, name: str | None) -> None:
-        """Activates adapter ``name``; ``None`` is the base model (LoRA disabled, nothing unloaded)."""
+        """Activates adapter ``name``; ``None`` is the base model (LoRA disabled, nothing unloaded).
+
+        Raises:
+            KeyError: ``name`` is not a loaded LoRA.
+        """
         if name is None:
             self.pipeline.disable_lora()
             return
@@ -98,4 +186,4 @@ class AdapterBank:
         if name not in self.loaded:
             raise KeyError(f"unknown LoRA {name!r}")
         self.pipeline.enable_lora()
-        self.pipeline.set_adapters(name)
+        self.pipeline.set_adapters(self.loaded[name].adapter)

@@ -1,0 +1,243 @@
+"""The Gradio page over a StyleServer, and the guard in front of it: bound host names only, no foreign origins, no
+uploads, every generation through the bounded queue, per-client rate limits, failed logins slowed down.
+
+    serve(server, host="127.0.0.1", port=7860)   # what scripts/serve.py calls
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import threading
+import time
+from urllib.parse import urlsplit
+
+from ddiff_core.serving.server import BASE, RequestError, StyleServer
+
+LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
+# The only POST routes the page and gradio_client need: joining the queue, cancelling, logging in.
+_POST_ROUTES = ("/queue/join", "/cancel", "/login", "/reset")
+_GENERATION_ROUTES = ("/queue/join", "/call/")
+
+
+def _hostname(value: str) -> str:
+    """'example.com:7860' -> 'example.com', '[::1]:7860' -> '::1'."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:].split("]", 1)[0]
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def allowed_names(host: str) -> set[str]:
+    """Host names a request may carry: the bound address, and the loopback names when it is local."""
+    names = {host.lower()}
+    try:
+        local = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = host.lower() == "localhost"
+    if local:
+        names |= set(LOCAL_NAMES)
+    return names
+
+
+class SlidingWindow:
+    """At most ``limit`` events per ``seconds`` for each key (a client address)."""
+
+    def __init__(self, limit: int, seconds: float):
+        self.limit, self.seconds = limit, seconds
+        self._events: dict[str, collections.deque] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, key: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._events) > 10_000:  # many clients: forget the idle ones, so memory stays bounded
+                self._events = {k: q for k, q in self._events.items() if q and q[-1] > now - self.seconds}
+            events = self._events.setdefault(key, collections.deque())
+            while events and events[0] <= now - self.seconds:
+                events.popleft()
+            if len(events) >= self.limit:
+                return False
+            events.append(now)
+            return True
+
+
+class Guard:
+    """ASGI middleware in front of the page: refuses what the page never needs before Gradio sees it."""
+
+    def __init__(self, app, *, hosts: set[str], generations_per_minute: int, logins_per_10_minutes: int = 10):
+        self.app, self.hosts = app, hosts
+        self.generations = SlidingWindow(generations_per_minute, 60)
+        self.logins = SlidingWindow(logins_per_10_minutes, 600)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        refusal = self._refusal(scope, headers)
+        if refusal is None:
+            return await self.app(scope, receive, send)
+        status, message = refusal
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})
+        body = message.encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    def _refusal(self, scope, headers) -> tuple[int, str] | None:
+        if _hostname(headers.get("host", "")) not in self.hosts:
+            return 421, "this server does not answer to that host name"
+        origin = headers.get("origin")
+        if origin is not None and _hostname(urlsplit(origin).netloc) not in self.hosts:
+            return 403, "requests from other sites are not accepted"
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return None
+        path = scope["path"].rstrip("/")
+        client = (scope.get("client") or ("unknown", 0))[0]
+        if path.endswith("/upload"):
+            return 403, "this page takes no uploads"
+        if not (path.endswith(_POST_ROUTES) or "/call/" in path):
+            return 403, "this route is closed"
+        if path.endswith("/login") and not self.logins.allow(client):
+            return 429, "too many login attempts; wait a few minutes"
+        if any(route in path for route in _GENERATION_ROUTES) and not self.generations.allow(client):
+            return 429, "busy: too many requests from your address; try again in a minute"
+        return None
+
+
+def build_app(server: StyleServer, *, default_size: int = 512, default_steps: int = 28):
+    """The Gradio page: compare, single image, blind vote, results. Every handler goes through the server's checks;
+    the blind tab has no seed input (the server draws it)."""
+    import gradio as gr
+
+    def client(request: gr.Request | None) -> str:
+        return getattr(getattr(request, "client", None), "host", "") or ""
+
+    def checked(call):
+        try:
+            return call()
+        except RequestError as err:
+            raise gr.Error(str(err)) from err
+
+    sizes = list(server.limits.sizes)
+    default_size = default_size if default_size in sizes else sizes[0]
+
+    def controls(with_seed: bool = True):
+        with gr.Row():
+            seed = gr.Number(value=0, precision=0, label="seed", minimum=0, maximum=server.limits.max_seed,
+                             visible=with_seed)
+            steps = gr.Slider(server.limits.min_steps, server.limits.max_steps, value=default_steps, step=1,
+                              label="steps")
+            size = gr.Dropdown(sizes, value=default_size, label="size (px)")
+            guidance = gr.Slider(0.0, server.limits.max_guidance, value=3.5, step=0.5, label="guidance")
+        return seed, steps, size, guidance
+
+    def status() -> str:
+        missing = server.unavailable()
+        if not missing:
+            return ""
+        return "**Unavailable LoRAs**\n\n" + "\n".join(f"- `{name}`: {reason}" for name, reason in sorted(missing.items()))
+
+    styles = server.styles()
+    with gr.Blocks(title="ddiff: base vs LoRA", delete_cache=(600, 1800)) as app:
+        gr.Markdown("# Base vs LoRA\nOne set of base weights; each director's LoRA is a named adapter.")
+        unavailable = gr.Markdown(status())
+        with gr.Tab("Compare"):
+            prompt = gr.Textbox(label="prompt", max_lines=3, elem_id="compare-prompt")
+            # allow_custom_value: a LoRA added after start-up is accepted; the server checks every name itself.
+            style = gr.Dropdown(styles, value=styles[0] if styles else None, label="LoRA", elem_id="compare-style",
+                                allow_custom_value=True)
+            seed, steps, size, guidance = controls()
+            go = gr.Button("Compare", variant="primary", elem_id="compare-button")
+            with gr.Row():
+                base_image = gr.Image(label="base", type="pil", elem_id="base-image")
+                lora_image = gr.Image(label="LoRA", type="pil", elem_id="lora-image")
+
+            def compare(p, s, sd, st, sz, g):
+                return checked(lambda: server.compare(p, s, sd, st, sz, g))
+
+            go.click(compare, [prompt, style, seed, steps, size, guidance], [base_image, lora_image], api_name="compare")
+        with gr.Tab("Single"):
+            prompt1 = gr.Textbox(label="prompt", max_lines=3)
+            style1 = gr.Dropdown([BASE, *styles], value=styles[0] if styles else BASE, label="model",
+                                 allow_custom_value=True)
+            seed1, steps1, size1, guidance1 = controls()
+            go1 = gr.Button("Generate", variant="primary")
+            image1 = gr.Image(label="image", type="pil")
+
+            def single(p, s, sd, st, sz, g):
+                return checked(lambda: server.single(p, s, sd, st, sz, g))
+
+            go1.click(single, [prompt1, style1, seed1, steps1, size1, guidance1], image1, api_name="single")
+        with gr.Tab("Blind vote"):
+            prompt2 = gr.Textbox(label="prompt", max_lines=3)
+            style2 = gr.Dropdown(styles, value=styles[0] if styles else None, label="LoRA", allow_custom_value=True)
+            _, steps2, size2, guidance2 = controls(with_seed=False)
+            token = gr.Textbox(visible=False)  # the pair's id; its seed and order stay on the server
+            go2 = gr.Button("Show a pair", variant="primary")
+            with gr.Row():
+                left = gr.Image(label="A", type="filepath")
+                right = gr.Image(label="B", type="filepath")
+            with gr.Row():
+                pick_left, pick_right = gr.Button("A is better"), gr.Button("B is better")
+            result = gr.Markdown()
+
+            def blind(p, s, st, sz, g, request: gr.Request):
+                left_file, right_file, pair = checked(lambda: server.blind(p, s, st, sz, g, client(request)))
+                return str(left_file), str(right_file), pair
+
+            go2.click(blind, [prompt2, style2, steps2, size2, guidance2], [left, right, token], api_name="blind")
+        with gr.Tab("Results"):
+            table = gr.Dataframe(headers=["LoRA", "votes", "LoRA wins", "win rate", "95% interval"],
+                                 value=server.results_table(), interactive=False)
+
+        def cast(token_value, side, request: gr.Request):
+            winner = checked(lambda: server.vote(token_value, side, client(request)))
+            return f"You picked the {'LoRA' if winner == 'lora' else 'base'} image.", server.results_table(), ""
+
+        def cast_left(token_value, request: gr.Request):
+            return cast(token_value, "left", request)
+
+        def cast_right(token_value, request: gr.Request):
+            return cast(token_value, "right", request)
+
+        pick_left.click(cast_left, token, [result, table, token], api_name="vote_left")
+        pick_right.click(cast_right, token, [result, table, token], api_name="vote_right")
+
+        def vote_api(token_value, side, request: gr.Request):
+            winner = checked(lambda: server.vote(token_value, side, client(request)))
+            return winner, server.results_table()
+
+        hidden = [gr.Textbox(visible=False) for _ in range(3)]
+        hidden_table = gr.Dataframe(visible=False)
+        api_vote = gr.Button(visible=False)
+        api_vote.click(vote_api, hidden[:2], [hidden[2], hidden_table], api_name="vote")
+
+        def refresh():
+            names = server.styles()
+            first = names[0] if names else None
+            return (gr.update(choices=names, value=first), gr.update(choices=[BASE, *names]),
+                    gr.update(choices=names, value=first), status(), server.results_table())
+
+        app.load(refresh, None, [style, style1, style2, unavailable, table], api_name="styles_refresh")
+    return app
+
+
+def serve(server: StyleServer, *, host: str = "127.0.0.1", port: int = 7860, auth: tuple[str, str] | None = None,
+          default_size: int = 512, default_steps: int = 28, generations_per_minute: int = 10,
+          queue_size: int = 16) -> None:
+    """Runs the page until interrupted: one generation at a time, a bounded queue for the rest, no direct API runs
+    (they would skip the queue), the guard in front."""
+    import gradio as gr
+    import uvicorn
+    from fastapi import FastAPI
+
+    blocks = build_app(server, default_size=default_size, default_steps=default_steps)
+    # Adapter selection is pipeline-wide: one generation at a time. api_open=False closes /run, which skips the queue.
+    blocks.queue(default_concurrency_limit=1, max_size=queue_size, api_open=False)
+    outer = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    app = gr.mount_gradio_app(outer, blocks, path="/", server_name=host, server_port=port, auth=auth, show_error=False,
+                              ssr_mode=False, enable_monitoring=False, mcp_server=False, run_history=False)
+    guarded = Guard(app, hosts=allowed_names(host), generations_per_minute=generations_per_minute)
+    uvicorn.run(guarded, host=host, port=port, log_level="warning", timeout_keep_alive=5, limit_concurrency=256)
