@@ -102,7 +102,7 @@ def train_config(env: Env, **overrides) -> TrainConfig:
 
 # -- training-step cases -------------------------------------------------------------------------
 def _training(env: Env, *, gradient_checkpointing: bool = False, weight_dtype: torch.dtype | None = None,
-              cached: bool = True, keep_vae: bool = False):
+              cached: bool = True, keep_vae: bool = False, bucket=None):
     """A training step built as the trainer builds it (base, objective, data, caches, LoRA, optimizer)."""
     weight_dtype = weight_dtype or env.torch_dtype
     cfg = train_config(env, gradient_checkpointing=gradient_checkpointing, cache_latents=cached,
@@ -111,7 +111,7 @@ def _training(env: Env, *, gradient_checkpointing: bool = False, weight_dtype: t
     objective = family.training_objective(comps, LossSettings.from_config(cfg))
     latent_norm = family.latent_norm(comps["vae"].config)
     records = _demo_records()
-    data = build_data(records, cfg, seed=0)
+    data = build_data(records, cfg, seed=0, targets=[bucket] * len(records) if bucket else None)
     features = build_training_features(  # content-keyed caches: safe to share between cases and runs
         family, comps, data.dataset, records, cache_latents=cfg.cache_latents, cache_text=cfg.cache_text_embeddings,
         cache_dir=MODELS / "cache", model_id=f"{env.family}-{env.size}", dtype=weight_dtype, seed=cfg.seed,
@@ -178,6 +178,11 @@ def gradient_checkpointing(env: Env, variant: str):
 def mixed_precision(env: Env, variant: str):
     """Frozen weights in fp32 vs bf16 (LoRA in fp32, autocast)."""
     return _ddiff_step(_training(env, weight_dtype=torch.float32 if variant == "before" else torch.bfloat16))
+
+
+def bucket_step(env: Env, bucket):
+    """One cached training step with every image in ``bucket`` (height x width): equal area, equal cost?"""
+    return _ddiff_step(_training(env, bucket=bucket))
 
 
 # -- validation cases ----------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def render(paths: list[Path]) -> str:
     by_key: dict[tuple, dict[str, dict]] = {}  # session file -> entry, for each (model, device, case, variant)
     for b in benches:
         e = b["extra_info"]
-        if e["case"] not in CLAIMS and not e["case"].startswith("full_flux"):
+        if e["case"] not in CLAIMS:
             continue  # a case since removed from the suite
         key = (f'{e.get("family", "flux")} {e.get("size", "full")}', e.get("device"), e["case"], e["variant"])
         by_key.setdefault(key, {})[b["source"]] = b
@@ -133,6 +133,21 @@ def render(paths: list[Path]) -> str:
                                eb.get("rss_growth_mb"), ea.get("rss_growth_mb"))
             lines.append(f"| {CLAIMS.get(g[2], g[2])} | {_fmt_time(tb)} | {_fmt_time(ta)} | {ratio:.2f} | "
                          f"{_fmt_mem(eb.get('peak_mem_mb'))} | {_fmt_mem(ea.get('peak_mem_mb'))} | {verdict} |")
+        lines.append("")
+    steps = [b for b in benches if b["extra_info"]["case"] == "bucket_step"]
+    if steps:
+        e0 = steps[0]["extra_info"]
+        lines += [f"## Step time per aspect-ratio bucket ({e0.get('family', 'flux')} {e0['size']} on {e0['device']})", "",
+                  "One cached training step (batch 2) with every image in the bucket; the buckets have about equal "
+                  "area, so their steps should cost about the same.", "",
+                  "| bucket (HxW) | width:height | pixels | median step | vs the square |", "|---|---|---|---|---|"]
+        square = next((b for b in steps if b["extra_info"]["bucket"].split("x")[0] == b["extra_info"]["bucket"].split("x")[1]),
+                      steps[0])
+        for b in sorted(steps, key=lambda b: int(b["extra_info"]["bucket"].split("x")[1]) / int(b["extra_info"]["bucket"].split("x")[0])):
+            e = b["extra_info"]
+            height, width = map(int, e["bucket"].split("x"))
+            lines.append(f"| {e['bucket']} | {width / height:.2f} | {e['pixels']:,} | {_fmt_time(b['stats']['median'])} | "
+                         f"{b['stats']['median'] / square['stats']['median']:.2f} |")
         lines.append("")
     full = [b for b in benches if b["extra_info"]["case"].startswith("full_flux")]
     if full:

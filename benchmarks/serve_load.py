@@ -70,6 +70,7 @@ def main() -> None:
 
         outcomes: list[str] = []
         page_latencies: list[float] = []
+        refresh_latencies: list[float] = []  # the page-load event, through the queue in a slot of its own
         done = threading.Event()
 
         def client(i: int) -> None:
@@ -82,11 +83,18 @@ def main() -> None:
                 outcomes.append("busy" if "full" in text or "busy" in text or "429" in text else f"error: {err}")
 
         def poll_page() -> None:
+            refresher = Client(url + "/", verbose=False)
             while not done.is_set():
                 try:
                     page_latencies.append(_get(url + "/"))
                 except OSError:
                     page_latencies.append(float("inf"))
+                start = time.perf_counter()
+                try:
+                    refresher.predict(api_name="/styles_refresh")
+                    refresh_latencies.append(time.perf_counter() - start)
+                except Exception:  # refused while the queue is full
+                    refresh_latencies.append(float("inf"))
                 time.sleep(0.2)
 
         poller = threading.Thread(target=poll_page, daemon=True)
@@ -106,8 +114,13 @@ def main() -> None:
             "page_get_median_ms": round(statistics.median(page_latencies) * 1e3, 1) if page_latencies else None,
             "page_get_worst_ms": round(max(page_latencies) * 1e3, 1) if page_latencies else None,
             "page_gets": len(page_latencies),
+            "refresh_median_ms": round(statistics.median(refresh_latencies) * 1e3, 1) if refresh_latencies else None,
+            "refresh_worst_ms": round(max(refresh_latencies) * 1e3, 1) if refresh_latencies else None,
+            "refreshes_refused": sum(1 for t in refresh_latencies if t == float("inf")),
         }
         print(json.dumps(result))
+        if result["errors"] or result["unfinished"]:
+            raise SystemExit(f"the load run had errors or unfinished clients: {result['errors']}")
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -25,8 +25,28 @@ SAMPLES = {
     "retina": ("a red retina photographed through a lens", "CC0 1.0"),
     "immunohistochemistry": ("stained tissue under a microscope, brown and blue", "no known copyright restrictions"),
 }
+# Frames as they were shot: name -> (source sample, width/height, caption body); cut from the same licensed samples.
+FRAMES = {
+    "coffee_scope": ("coffee", 2.39, "a cup of coffee on a saucer in a wide anamorphic frame"),
+    "rocket_flat": ("rocket", 1.85, "a rocket on the launch pad in a flat widescreen frame"),
+    "hubble_wide": ("hubble_deep_field", 16 / 9, "distant galaxies across a wide frame"),
+    "chelsea_portrait": ("chelsea", 2 / 3, "a tabby cat in a tall portrait frame"),
+    "camera_portrait": ("camera", 9 / 16, "a photographer in a tall vertical frame, black and white"),
+}
 TRIGGER = "<demo-style>"
 SIDE = 128
+LONG_SIDE = 256  # the framed stills: long side in pixels
+
+
+def _centre_cut(image: Image.Image, ratio: float) -> Image.Image:
+    """The largest centred window of width/height ``ratio``."""
+    width, height = image.size
+    if width / height > ratio:
+        width = round(height * ratio)
+    else:
+        height = round(width / ratio)
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))
 
 
 def main() -> None:
@@ -43,10 +63,18 @@ def main() -> None:
         # director-diffusion's caption layout: "<tok> caption, in <tok> style"
         rows.append({"file_name": f"{name}.jpg", "text": f"{TRIGGER} {caption}, in {TRIGGER} style"})
         licences.append(f"| {name}.jpg | skimage.data.{name} | {licence} |")
+    for name, (source, ratio, caption) in FRAMES.items():
+        image = _centre_cut(Image.fromarray(getattr(data, source)().astype(np.uint8)).convert("RGB"), ratio)
+        scale = LONG_SIDE / max(image.size)
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
+        image.save(out / f"{name}.jpg", quality=90)
+        rows.append({"file_name": f"{name}.jpg", "text": f"{TRIGGER} {caption}, in {TRIGGER} style"})
+        licences.append(f"| {name}.jpg | skimage.data.{source}, cut to {ratio:.2f}:1 | {SAMPLES[source][1]} |")
     (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / "LICENSES.md").write_text(
-        "# Demo images\n\nCropped to a square and resized to 128 px from scikit-image's bundled samples "
-        "(`python data/make_demo.py`).\n\n| file | source | licence |\n|---|---|---|\n" + "\n".join(licences) + "\n"
+        "# Demo images\n\nFrom scikit-image's bundled samples (`python data/make_demo.py`): twelve cropped to a square "
+        "and resized to 128 px, five cut to film and portrait frames (2.39:1, 1.85:1, 16:9, 2:3, 9:16) with a 256 px "
+        "long side.\n\n| file | source | licence |\n|---|---|---|\n" + "\n".join(licences) + "\n"
     )
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from peft import LoraConfig
 
+from ddiff_core.buckets import Bucket
 from ddiff_core.config import ConfigError, TrainConfig
 from ddiff_core.data import EpochBatchSampler, ImageCaptionDataset, Record, collate
 from ddiff_core.lora import add_lora
@@ -47,14 +48,19 @@ class TrainingData:
 
 
 def build_data(records: list[Record], config: TrainConfig, *, seed: int, hf_dataset=None, num_replicas: int = 1,
-               rank: int = 0, pin_memory: bool = False) -> TrainingData:
-    """The dataset (pixels only when latents are not cached), its resumable per-epoch batch order, and the loader."""
+               rank: int = 0, pin_memory: bool = False, targets: list[Bucket] | None = None) -> TrainingData:
+    """The dataset (pixels only when latents are not cached; each record in its bucket ``targets`` when given), its
+    resumable per-epoch batch order (one bucket per batch), and the loader."""
+    frames = [(b.height, b.width) for b in targets] if targets else None
     dataset = ImageCaptionDataset(
         records, resolution=config.resolution, center_crop=config.center_crop, random_flip=config.random_flip,
         seed=seed, repeats=config.repeats, dataset=hf_dataset, image_column=config.image_column,
-        with_pixels=not config.cache_latents,
+        with_pixels=not config.cache_latents, targets=frames,
     )
-    sampler = EpochBatchSampler(len(dataset), config.train_batch_size, seed=seed, num_replicas=num_replicas, rank=rank)
+    group_of = {frame: i for i, frame in enumerate(sorted(set(dataset.targets)))}
+    groups = [group_of[dataset.targets[dataset.record_index(i)]] for i in range(len(dataset))]
+    sampler = EpochBatchSampler(len(dataset), config.train_batch_size, seed=seed, num_replicas=num_replicas, rank=rank,
+                                groups=groups)
     workers = config.dataloader_num_workers
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers, pin_memory=pin_memory,

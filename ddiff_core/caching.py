@@ -22,7 +22,7 @@ from ddiff_core.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # 2: keyed by image content digests
+CACHE_FORMAT = 3  # 2: keyed by image content digests; 3: one row per record (each latent in its own frame)
 
 
 def fingerprint(payload: dict) -> str:
@@ -37,20 +37,21 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
 
 
 class FeatureCache:
-    """Named tensors whose first dimension is the record index."""
+    """Named rows, one per record (a latent keeps its own bucket's shape), looked up by record index."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], path: Path | None = None, reused: bool = False):
-        self.tensors, self.path, self.reused = tensors, path, reused
+    def __init__(self, rows: dict[str, list[torch.Tensor]], path: Path | None = None, reused: bool = False):
+        self.rows, self.path, self.reused = rows, path, reused
 
     def __len__(self) -> int:
-        return next(iter(self.tensors.values())).shape[0]
+        return len(next(iter(self.rows.values())))
 
     def lookup(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: value[indices] for name, value in self.tensors.items()}
+        """The rows of ``indices`` stacked (a batch holds one bucket, so its rows share a shape)."""
+        return {name: torch.stack([rows[i] for i in indices.tolist()]) for name, rows in self.rows.items()}
 
     @classmethod
     def load_or_build(
-        cls, path: Path, key: str, num_records: int, build: Callable[[], dict[str, torch.Tensor]]
+        cls, path: Path, key: str, num_records: int, build: Callable[[], dict[str, list[torch.Tensor]]]
     ) -> "FeatureCache":
         """Loads ``path`` when it holds this fingerprint ``key`` for ``num_records`` records; else builds and saves it."""
         if path.is_file():
@@ -58,16 +59,22 @@ class FeatureCache:
                 with safe_open(str(path), framework="pt") as f:
                     meta = f.metadata() or {}
                     if meta.get("fingerprint") == key and int(meta.get("num_records", -1)) == num_records:
-                        return cls({name: f.get_tensor(name) for name in f.keys()}, path, reused=True)
+                        rows: dict[str, list] = {}
+                        for stored in sorted(f.keys()):
+                            name, _, index = stored.rpartition(".")
+                            rows.setdefault(name, [None] * num_records)[int(index)] = f.get_tensor(stored)
+                        if rows and all(r is not None for values in rows.values() for r in values):
+                            return cls(rows, path, reused=True)
                 logger.warning("cache %s does not match this run; rebuilding it", path)
             except Exception as err:  # a corrupt cache is rebuilt, never trusted
                 logger.warning("cache %s is unreadable (%s); rebuilding it", path, err)
-        tensors = build()
-        for name, value in tensors.items():
-            if value.shape[0] != num_records:
-                raise RuntimeError(f"cache tensor {name} has {value.shape[0]} rows for {num_records} records")
+        rows = build()
+        for name, values in rows.items():
+            if len(values) != num_records:
+                raise RuntimeError(f"cache {name} has {len(values)} rows for {num_records} records")
+        tensors = {f"{name}.{i:06d}": value for name, values in rows.items() for i, value in enumerate(values)}
         _atomic_save(tensors, path, {"fingerprint": key, "num_records": str(num_records)})
-        return cls(tensors, path)
+        return cls(rows, path)
 
 
 def _batched(indices: list[int], size: int) -> Iterable[list[int]]:
@@ -76,15 +83,19 @@ def _batched(indices: list[int], size: int) -> Iterable[list[int]]:
 
 
 def build_latent_cache(family, vae, dataset, path: Path, key: str, batch_size: int = 4, show_progress: bool = True) -> FeatureCache:
-    """VAE latent distributions (raw ``[mean, logvar]``) for every record, encoded once."""
+    """VAE latent distributions (raw ``[mean, logvar]``) for every record, encoded once, each in its own frame."""
 
     def build():
-        params = []
-        indices = list(range(dataset.num_records))
-        for chunk in tqdm(list(_batched(indices, batch_size)), desc="caching latents", disable=not show_progress):
+        rows: list[torch.Tensor | None] = [None] * dataset.num_records
+        by_frame: dict[tuple, list[int]] = {}
+        for i in range(dataset.num_records):  # records of one frame encode together
+            by_frame.setdefault(dataset.targets[i], []).append(i)
+        chunks = [chunk for indices in by_frame.values() for chunk in _batched(indices, batch_size)]
+        for chunk in tqdm(chunks, desc="caching latents", disable=not show_progress):
             pixels = torch.stack([dataset.pixels(i) for i in chunk])
-            params.append(family.encode_images(vae, pixels).float().cpu())
-        return {"latent_dist": torch.cat(params)}
+            for i, params in zip(chunk, family.encode_images(vae, pixels).float().cpu()):
+                rows[i] = params.clone()
+        return {"latent_dist": rows}
 
     return FeatureCache.load_or_build(path, key, dataset.num_records, build)
 
@@ -100,9 +111,8 @@ def build_text_cache(family, components, captions: list[str], path: Path, key: s
             out = family.encode_prompts(components, chunk, device=device, max_sequence_length=max_sequence_length)
             for name, value in out.items():
                 encoded.setdefault(name, []).append(value.cpu())
-        rows = {caption: i for i, caption in enumerate(unique)}
-        order = torch.tensor([rows[c] for c in captions])
-        return {name: torch.cat(parts)[order] for name, parts in encoded.items()}
+        position = {caption: i for i, caption in enumerate(unique)}
+        return {name: [torch.cat(parts)[position[c]].clone() for c in captions] for name, parts in encoded.items()}
 
     return FeatureCache.load_or_build(path, key, len(captions), build)
 
@@ -145,7 +155,7 @@ def build_training_features(family, components: dict, dataset, records, *, cache
     if cache_latents:
         random_crops = dataset.random_flip or not dataset.center_crop
         key = fingerprint({"kind": "latents", "family": family.name, "model": model_id, "dtype": str(dtype),
-                           "data": [r.digest for r in records], "resolution": dataset.resolution,
+                           "data": [r.digest for r in records], "frames": dataset.targets,
                            "center_crop": dataset.center_crop, "random_flip": dataset.random_flip,
                            "seed": seed if random_crops else None})
         latent_cache = build_latent_cache(family, components["vae"], dataset, cache_dir / f"latents-{key}.safetensors",

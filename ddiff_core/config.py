@@ -43,7 +43,10 @@ class TrainConfig:
     caption_column: str | None = _opt(None, "Caption column (default 'text' for folders, none for datasets).")
     instance_prompt: str | None = _opt(None, "Caption for images that have none.")
     repeats: int = _opt(1, "How many times to repeat the training data.")
-    resolution: int = _opt(512, "Training resolution (square).")
+    resolution: int = _opt(512, "Training resolution: the side of a square, or about the square root of each bucket's area.")
+    use_aspect_ratio_buckets: bool = _opt(False, "Train each image in the aspect-ratio bucket nearest its frame.")
+    aspect_ratio_buckets: str | None = _opt(None, "Buckets as 'h1,w1;h2,w2' (implies --use_aspect_ratio_buckets); "
+                                                  "default: film and photo ratios at about --resolution² pixels.")
     center_crop: bool = _opt(False, "Center-crop instead of random crop.")
     random_flip: bool = _opt(False, "Randomly flip images horizontally (fixed per image).")
     dataloader_num_workers: int = _opt(0, "DataLoader worker processes.")
@@ -101,6 +104,8 @@ class TrainConfig:
     validation_steps: int | None = _opt(None, "Validate every N optimizer steps (instead of --validation_epochs).")
     validation_inference_steps: int = _opt(28, "Denoising steps per validation image.")
     validation_guidance_scale: float = _opt(3.5, "Guidance scale of validation images.")
+    validation_resolution: str | None = _opt(None, "'HxW' or several 'HxW,HxW' (default: the most common bucket, "
+                                                   "or --resolution square).")
     # -- checkpoints -------------------------------------------------------------------------
     checkpointing_steps: int = _opt(500, "Write a resumable checkpoint every N optimizer steps.")
     checkpoints_total_limit: int | None = _opt(None, "Keep at most this many checkpoints (oldest pruned after a save).")
@@ -134,8 +139,38 @@ class TrainConfig:
             raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.overwrite_output_dir and self.resume_from_checkpoint:
             raise ConfigError("give only one of --overwrite_output_dir and --resume_from_checkpoint")
+        if self.aspect_ratio_buckets:
+            from ddiff_core.buckets import BucketError, parse_buckets
+
+            try:
+                parse_buckets(self.aspect_ratio_buckets)
+            except BucketError as err:
+                raise ConfigError(str(err)) from err
+        if self.validation_resolution:
+            self.validation_sizes  # raises on a bad value
         if self.learning_rate <= 0:
             raise ConfigError(f"--learning_rate must be positive, got {self.learning_rate}")
+
+    @property
+    def buckets_enabled(self) -> bool:
+        return self.use_aspect_ratio_buckets or bool(self.aspect_ratio_buckets)
+
+    @property
+    def validation_sizes(self) -> list[tuple[int, int]]:
+        """--validation_resolution as (height, width) pairs; [] when not given.
+
+        Raises:
+            ConfigError: a value that is not 'HxW[,HxW...]'.
+        """
+        sizes = []
+        for part in (self.validation_resolution or "").split(","):
+            if not part.strip():
+                continue
+            height, sep, width = part.strip().lower().partition("x")
+            if not (sep and height.isdigit() and width.isdigit() and int(height) > 0 and int(width) > 0):
+                raise ConfigError(f"--validation_resolution {part.strip()!r} is not HxW (e.g. 768x1344)")
+            sizes.append((int(height), int(width)))
+        return sizes
 
     @property
     def validation_prompts(self) -> list[str]:

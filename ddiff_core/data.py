@@ -285,36 +285,40 @@ def _item_rng(seed: int, index: int) -> np.random.Generator:
 
 @dataclass(frozen=True)
 class Crop:
-    """Where one training image comes from in its source: resized to ``resized`` (w, h), cropped at (left, top)."""
+    """Where one training image comes from in its source: resized to ``resized`` (w, h), then the (height, width)
+    window at (left, top) is cut, then flipped or not."""
 
     resized: tuple[int, int]
     left: int
     top: int
     flip: bool
+    height: int
+    width: int
 
 
-def plan_crop(size: tuple[int, int], resolution: int, center_crop: bool, random_flip: bool,
+def plan_crop(size: tuple[int, int], target: tuple[int, int], center_crop: bool, random_flip: bool,
               rng: np.random.Generator) -> Crop:
-    """Resize the short side of a ``size`` (w, h) image to ``resolution`` and pick a square crop (and a flip).
+    """Resize a ``size`` (w, h) image to cover a ``target`` (height, width) frame and pick the window (and a flip).
 
     Depends only on the size and the seeded ``rng``, so the geometry is known without decoding the pixels (SDXL is
     conditioned on it, cached or not).
     """
+    height, width = target
     flip = random_flip and bool(rng.integers(0, 2))
-    scale = resolution / min(size)
-    resized = (max(resolution, round(size[0] * scale)), max(resolution, round(size[1] * scale)))
+    scale = max(width / size[0], height / size[1])
+    resized = (max(width, round(size[0] * scale)), max(height, round(size[1] * scale)))
     if center_crop:
-        left, top = (resized[0] - resolution) // 2, (resized[1] - resolution) // 2
+        left, top = (resized[0] - width) // 2, (resized[1] - height) // 2
     else:
-        left = int(rng.integers(0, resized[0] - resolution + 1))
-        top = int(rng.integers(0, resized[1] - resolution + 1))
-    return Crop(resized, left, top, flip)
+        left = int(rng.integers(0, resized[0] - width + 1))
+        top = int(rng.integers(0, resized[1] - height + 1))
+    return Crop(resized, left, top, flip, height, width)
 
 
-def image_to_tensor(image: Image.Image, resolution: int, crop: Crop) -> torch.Tensor:
+def image_to_tensor(image: Image.Image, crop: Crop) -> torch.Tensor:
     """Resize, crop and flip as planned; returns CHW in [-1, 1]."""
     image = image.resize(crop.resized, Image.Resampling.BILINEAR)
-    image = image.crop((crop.left, crop.top, crop.left + resolution, crop.top + resolution))
+    image = image.crop((crop.left, crop.top, crop.left + crop.width, crop.top + crop.height))
     if crop.flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
@@ -322,16 +326,19 @@ def image_to_tensor(image: Image.Image, resolution: int, crop: Crop) -> torch.Te
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
-    """Records as training items. Crops and flips are fixed per record (seeded), so a cached latent
-    and a freshly encoded one are the same image."""
+    """Records as training items, each in its own frame: a square of ``resolution`` or, with ``targets``, each
+    record's bucket (height, width). Crops and flips are fixed per record (seeded), so a cached latent and a freshly
+    encoded one are the same image."""
 
     def __init__(self, records: list[Record], *, resolution: int, center_crop: bool = False, random_flip: bool = False,
-                 seed: int = 0, repeats: int = 1, dataset=None, image_column: str = "image", with_pixels: bool = True):
+                 seed: int = 0, repeats: int = 1, dataset=None, image_column: str = "image", with_pixels: bool = True,
+                 targets: list[tuple[int, int]] | None = None):
         self.records = records
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.seed, self.repeats = seed, repeats
         self.dataset, self.image_column = dataset, image_column
         self.with_pixels = with_pixels
+        self.targets = [tuple(t) for t in targets] if targets else [(resolution, resolution)] * len(records)
 
     @property
     def num_records(self) -> int:
@@ -340,36 +347,41 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records) * self.repeats
 
+    def record_index(self, index: int) -> int:
+        return index % len(self.records)
+
     def _decode(self, record: Record) -> Image.Image:
         return decode_image(record.path if record.path is not None else self.dataset[record.row][self.image_column])
 
+    def _size(self, record_index: int) -> tuple[int, int]:
+        return self.records[record_index].size or self._decode(self.records[record_index]).size
+
     def crop(self, record_index: int, size: tuple[int, int] | None = None) -> Crop:
         """The record's crop plan; from its screened size, without decoding."""
-        size = size or self.records[record_index].size or self._decode(self.records[record_index]).size
         rng = _item_rng(self.seed, record_index)
-        return plan_crop(size, self.resolution, self.center_crop, self.random_flip, rng)
+        return plan_crop(size or self._size(record_index), self.targets[record_index], self.center_crop,
+                         self.random_flip, rng)
 
     def pixels(self, record_index: int) -> torch.Tensor:
         image = self._decode(self.records[record_index])
-        return image_to_tensor(image, self.resolution, self.crop(record_index, image.size))
+        return image_to_tensor(image, self.crop(record_index, image.size))
 
     def geometry(self, record_index: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """((original height, width), (crop top, left)) in pixels: SDXL's size micro-conditioning."""
-        crop = self.crop(record_index)
-        width, height = self.records[record_index].size or self._decode(self.records[record_index]).size
+        width, height = self._size(record_index)
+        crop = self.crop(record_index, (width, height))
         # A flipped crop starts, in the flipped image the model sees, as far from the left as it ended from the right.
-        left = crop.resized[0] - self.resolution - crop.left if crop.flip else crop.left
+        left = crop.resized[0] - crop.width - crop.left if crop.flip else crop.left
         return (height, width), (crop.top, left)
 
     def __getitem__(self, index: int) -> dict:
-        record_index = index % len(self.records)
+        record_index = self.record_index(index)
         original, crop_top_left = self.geometry(record_index)
         item = {"index": record_index, "caption": self.records[record_index].caption, "original_size": original,
                 "crop_top_left": crop_top_left}
         if self.with_pixels:
             item["pixels"] = self.pixels(record_index)
         return item
-
 
 def collate(items: list[dict]) -> dict:
     batch = {"indices": torch.tensor([i["index"] for i in items]), "captions": [i["caption"] for i in items],
@@ -381,33 +393,52 @@ def collate(items: list[dict]) -> dict:
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
-    """Seeded per-epoch shuffle, split across processes, resumable at any batch.
+    """Seeded per-epoch batches, each from one group (an aspect bucket), split across processes, resumable at any
+    batch.
 
-    Epoch ``e`` is a permutation drawn from ``seed + e``; process ``r`` of ``n`` takes batches
-    ``r, r + n, ...``, so every process sees the same number of batches (the last partial round is
-    dropped) and a resumed run can skip exactly the batches already trained on.
+    Epoch ``e`` draws from ``seed + e``: within each group a permutation of its items, cut into batches, the last one
+    filled up by repeating the group's first items of that epoch (no image is dropped, and every batch has one shape
+    and the full size, cached or not); then, with several groups, the batches in a shuffled order. Process ``r`` of
+    ``n`` takes batches ``r, r + n, ...``; every process runs the same number (the last partial round is dropped), so
+    a resumed run can skip exactly the batches already trained on and no process waits at a collective.
     """
 
-    def __init__(self, num_items: int, batch_size: int, *, seed: int, num_replicas: int = 1, rank: int = 0):
-        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+    def __init__(self, num_items: int, batch_size: int, *, seed: int, num_replicas: int = 1, rank: int = 0,
+                 groups: list[int] | None = None):
+        self.batch_size, self.seed = batch_size, seed
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch, self.skip = 0, 0
+        self.members: dict[int, list[int]] = {}
+        for item, group in enumerate(groups if groups is not None else [0] * num_items):
+            self.members.setdefault(group, []).append(item)
+        self.num_batches = sum(math.ceil(len(m) / batch_size) for m in self.members.values())
         if self.batches_per_replica() == 0:
             raise DataError(
                 f"{num_items} training items cannot fill one batch of {batch_size} on each of {num_replicas} processes"
             )
 
     def batches_per_replica(self) -> int:
-        return math.ceil(self.num_items / self.batch_size) // self.num_replicas
+        return self.num_batches // self.num_replicas
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch, self.skip = epoch, skip_batches
 
-    def __iter__(self):
+    def epoch_batches(self) -> list[list[int]]:
+        """Every batch of this epoch, for all processes, in order."""
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.num_items, generator=generator).tolist()
-        batches = [order[i : i + self.batch_size] for i in range(0, self.num_items, self.batch_size)]
-        mine = batches[self.rank :: self.num_replicas][: self.batches_per_replica()]
+        batches = []
+        for group in sorted(self.members):
+            items = self.members[group]
+            order = [items[i] for i in torch.randperm(len(items), generator=generator).tolist()]
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                batches.append(batch + [order[i % len(order)] for i in range(self.batch_size - len(batch))])
+        if len(self.members) > 1:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        return batches
+
+    def __iter__(self):
+        mine = self.epoch_batches()[self.rank :: self.num_replicas][: self.batches_per_replica()]
         yield from mine[self.skip :]
 
     def __len__(self) -> int:

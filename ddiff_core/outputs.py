@@ -55,6 +55,9 @@ class RunOutputs:
         return atomic_write_text(self.output_dir / "skipped_images.txt",
                                  "".join(f"{name}\t{reason}\n" for name, reason in skipped))
 
+    def write_buckets(self, report: dict) -> Path:
+        return atomic_write_text(self.output_dir / "buckets.json", json.dumps(report, indent=1) + "\n")
+
     def write_summary(self, summary: dict) -> Path:
         return atomic_write_text(self.output_dir / "run_summary.json", json.dumps(summary, indent=2) + "\n")
 

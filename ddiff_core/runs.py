@@ -18,7 +18,8 @@ RUN_FILE = "run.json"
 # num_train_epochs, checkpointing, validation, logging, caching (a cache changes no maths), data loader workers.
 MATH_SETTINGS = (
     "model_family", "revision", "variant", "dataset_config_name", "image_column", "caption_column", "instance_prompt",
-    "repeats", "resolution", "center_crop", "random_flip", "max_sequence_length",
+    "repeats", "resolution", "use_aspect_ratio_buckets", "aspect_ratio_buckets", "center_crop", "random_flip",
+    "max_sequence_length",
     "rank", "lora_alpha", "lora_dropout", "lora_layers",
     "train_batch_size", "gradient_accumulation_steps", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps",
     "lr_num_cycles", "lr_power", "optimizer", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
@@ -28,7 +29,7 @@ MATH_SETTINGS = (
 )
 # What a run writes into its folder (the feature cache is keyed by content and may be shared, so it is not here).
 RUN_OUTPUTS = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors", "metrics.jsonl",
-               "run_summary.json", "training_config.yaml", "skipped_images.txt")
+               "run_summary.json", "training_config.yaml", "skipped_images.txt", "buckets.json")
 # Names a user may have too: removed only where run.json shows the folder was a ddiff run's.
 RUN_OUTPUTS_IF_RUN = ("README.md", "validation")
 # Their presence means a folder holds a run's results.

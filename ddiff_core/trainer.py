@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
+from ddiff_core.buckets import bucket_report, check_buckets, default_buckets, most_common, nearest_bucket, parse_buckets
 from ddiff_core.builders import (add_trainable_lora, build_data, build_lr_scheduler, build_optimizer, load_base,
                                  trainable_params)
 from ddiff_core.caching import TrainingFeatures, build_training_features, release_covered_encoders
@@ -109,6 +110,7 @@ class LoraTrainer:
             source = cfg.instance_data_dir or cfg.dataset_name
             raise DataError(f"no usable images in {source}: all {len(self.skipped)} were skipped "
                             f"({'; '.join(f'{n}: {r}' for n, r in self.skipped[:3])})")
+        self._plan_frames()
         mixed_precision = cfg.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION") or "no"
         try:
             dtype_of(mixed_precision)
@@ -127,6 +129,23 @@ class LoraTrainer:
             self.resume_path = Path(cfg.resume_from_checkpoint)
         if self.resume_path is not None:
             self.resume_manifest = Checkpointer(None, self.output_dir, self.identity).check(self.resume_path)
+
+    def _plan_frames(self) -> None:
+        """Each record's aspect bucket (with buckets on) and the validation frames, checked against the family."""
+        cfg, family = self.config, self.family
+        self.targets = None
+        if cfg.buckets_enabled:
+            buckets = (parse_buckets(cfg.aspect_ratio_buckets) if cfg.aspect_ratio_buckets
+                       else default_buckets(cfg.resolution, family.resolution_multiple))
+            check_buckets(buckets, family.resolution_multiple, family.name)
+            self.targets = [nearest_bucket(r.size, buckets) for r in self.records]
+        self.validation_sizes = cfg.validation_sizes or (
+            [(most_common(self.targets).height, most_common(self.targets).width)] if self.targets
+            else [(cfg.resolution, cfg.resolution)])
+        for height, width in self.validation_sizes:
+            if height % family.resolution_multiple or width % family.resolution_multiple:
+                raise ConfigError(f"--validation_resolution {height}x{width} has a side that is not a multiple of "
+                                  f"{family.resolution_multiple}, which {family.name} needs")
 
     def setup(self) -> "LoraTrainer":
         cfg = self.config
@@ -153,7 +172,7 @@ class LoraTrainer:
         self.objective = self.family.training_objective(self.components, self.loss_settings)
         self.latent_norm = self.family.latent_norm(self.components["vae"].config)
         self.data = build_data(self.records, cfg, seed=seed, hf_dataset=self.hf_dataset, num_replicas=acc.num_processes,
-                               rank=acc.process_index, pin_memory=device.type == "cuda")
+                               rank=acc.process_index, pin_memory=device.type == "cuda", targets=self.targets)
         denoiser = self.components[self.family.denoiser_name]
         with acc.main_process_first():  # the main process builds (or finds) each cache; the others read it
             self.features = build_training_features(
@@ -166,7 +185,7 @@ class LoraTrainer:
             # Assembled now, while the text encoders are still loaded; it keeps the VAE for decoding.
             self.validator = ValidationRunner(
                 self.family, self.components, denoiser, cfg.validation_prompts, num_images=cfg.num_validation_images,
-                seed=seed, resolution=cfg.resolution, num_inference_steps=cfg.validation_inference_steps,
+                seed=seed, resolution=self.validation_sizes, num_inference_steps=cfg.validation_inference_steps,
                 guidance_scale=cfg.validation_guidance_scale, max_sequence_length=cfg.max_sequence_length,
                 output_dir=self.output_dir, device=device, dtype=self.weight_dtype,
             )
@@ -224,7 +243,18 @@ class LoraTrainer:
             if self.skipped:
                 report = self.outputs.write_skipped(self.skipped)
                 logger.warning("skipped %d unusable images; see %s", len(self.skipped), report)
+            if self.targets:
+                self._report_buckets()
         acc.wait_for_everyone()
+
+    def _report_buckets(self) -> None:
+        report = bucket_report([r.size for r in self.records], [r.name for r in self.records], self.targets)
+        path = self.outputs.write_buckets(report)
+        lines = [f"{b['bucket']} ({b['ratio']:.2f}:1): {b['images']} images" for b in report["buckets"]]
+        logger.info("aspect-ratio buckets (%s): %s", path, "; ".join(lines))
+        if report["upscaled_beyond_limit"]:
+            logger.warning("%d images are enlarged more than %.1fx to cover their bucket (see %s)",
+                           report["upscaled_beyond_limit"], report["max_upscale"], path)
 
     def _resume(self) -> None:
         path = self.resume_path

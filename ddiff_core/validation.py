@@ -42,10 +42,14 @@ class ValidationRunner:
     """Generates ``num_images`` images per prompt in one pipeline call, from in-memory components."""
 
     def __init__(self, family, components: dict, denoiser, prompts: list[str], *, num_images: int, seed: int,
-                 resolution: int, num_inference_steps: int, guidance_scale: float, max_sequence_length: int,
-                 output_dir: Path, device, dtype: torch.dtype):
+                 resolution: int | tuple[int, int] | list[tuple[int, int]], num_inference_steps: int,
+                 guidance_scale: float, max_sequence_length: int, output_dir: Path, device, dtype: torch.dtype):
         self.family, self.prompts, self.num_images = family, prompts, num_images
-        self.resolution, self.steps, self.guidance = resolution, num_inference_steps, guidance_scale
+        # One or more (height, width) frames: a grid per frame, so it shows the aspect the LoRA learnt.
+        if isinstance(resolution, int):
+            resolution = [(resolution, resolution)]
+        self.sizes = [resolution] if isinstance(resolution, tuple) else list(resolution)
+        self.steps, self.guidance = num_inference_steps, guidance_scale
         self.output_dir, self.device, self.dtype = Path(output_dir), torch.device(device), dtype
         self.seeds = [seed + i for i in range(len(prompts) * num_images)]
         self.denoiser = denoiser
@@ -61,7 +65,7 @@ class ValidationRunner:
         self.pipeline.set_progress_bar_config(disable=True)
 
     @torch.no_grad()
-    def generate(self, *, lora: bool = True, batched: bool = True) -> list[Image.Image]:
+    def generate(self, *, lora: bool = True, batched: bool = True, size: tuple[int, int] | None = None) -> list[Image.Image]:
         """All images of one validation: batched in a single call, or one call per image (for comparison).
 
         Runs in eval mode without gradients and restores train mode, the adapter and every RNG afterwards.
@@ -74,10 +78,11 @@ class ValidationRunner:
             if not lora:
                 self.denoiser.disable_adapters()
             try:
+                size = size or self.sizes[0]
                 if batched:
-                    pixels = self._call(self.embeds, self.seeds)
+                    pixels = self._call(self.embeds, self.seeds, size)
                 else:
-                    pixels = torch.cat([self._call({k: v[i : i + 1] for k, v in self.embeds.items()}, [seed])
+                    pixels = torch.cat([self._call({k: v[i : i + 1] for k, v in self.embeds.items()}, [seed], size)
                                         for i, seed in enumerate(self.seeds)])
             finally:
                 if not lora:
@@ -85,28 +90,32 @@ class ValidationRunner:
                 self.denoiser.train(was_training)
         return _to_pil(pixels)
 
-    def _call(self, embeds: dict, seeds: list[int]) -> torch.Tensor:
+    def _call(self, embeds: dict, seeds: list[int], size: tuple[int, int]) -> torch.Tensor:
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
+        height, width = size
         latents = self.pipeline(
-            **embeds, height=self.resolution, width=self.resolution, num_inference_steps=self.steps,
+            **embeds, height=height, width=width, num_inference_steps=self.steps,
             guidance_scale=self.guidance, generator=generators, output_type="latent",
         ).images
-        return self.family.decode_pipeline_latents(self.pipeline, latents, self.resolution, self.resolution)
+        return self.family.decode_pipeline_latents(self.pipeline, latents, height, width)
 
     def _rows(self, images: list[Image.Image]) -> list[list[Image.Image]]:
         n = self.num_images
         return [images[i * n : (i + 1) * n] for i in range(len(self.prompts))]
 
     def run(self, step: int, trackers=()) -> Path:
-        """One validation: writes ``validation/step-<step>.png`` (a row per prompt) and logs it."""
-        images = self.generate()
-        path = self.output_dir / "validation" / f"step-{step:06d}.png"
-        _save_atomic(image_grid(self._rows(images)), path)
-        stacked = np.stack([np.asarray(i) for i in images])
-        for tracker in trackers:
-            if hasattr(tracker, "log_images"):
-                tracker.log_images({"validation": stacked}, step=step, dataformats="NHWC")
-        logger.info("validation images at step %d: %s", step, path)
+        """One validation: writes ``validation/step-<step>.png`` (a row per prompt; with several frames one grid each,
+        ``step-<step>-<H>x<W>.png``) and logs it."""
+        for size in self.sizes:
+            images = self.generate(size=size)
+            suffix = "" if len(self.sizes) == 1 else f"-{size[0]}x{size[1]}"
+            path = self.output_dir / "validation" / f"step-{step:06d}{suffix}.png"
+            _save_atomic(image_grid(self._rows(images)), path)
+            stacked = np.stack([np.asarray(i) for i in images])
+            for tracker in trackers:
+                if hasattr(tracker, "log_images"):
+                    tracker.log_images({f"validation{suffix}": stacked}, step=step, dataformats="NHWC")
+            logger.info("validation images at step %d: %s", step, path)
         return path
 
     def final_comparison(self) -> Path:

@@ -30,6 +30,8 @@ def parse_args(argv=None):
     parser.add_argument("--votes_db", default=None, help=f"SQLite file of blind votes (default {default_votes_db()})")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--allowed_hosts", default="", help="comma-separated host names clients use to reach this "
+                        "server (required with --host 0.0.0.0 or ::, e.g. 192.168.1.5,studio.lan)")
     parser.add_argument("--auth_file", default=None, help="a file holding USER:PASSWORD (or set DDIFF_SERVE_AUTH)")
     parser.add_argument("--auth", default=None, help="USER:PASSWORD (visible in ps: prefer DDIFF_SERVE_AUTH or --auth_file)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -39,7 +41,8 @@ def parse_args(argv=None):
     parser.add_argument("--default_steps", type=int, default=None, help="default: 28 on cuda, 4 on cpu")
     parser.add_argument("--generations_per_minute", type=int, default=10, help="per client address")
     parser.add_argument("--votes_per_hour", type=int, default=30, help="per client address")
-    parser.add_argument("--queue_size", type=int, default=16, help="generations waiting at most")
+    parser.add_argument("--queue_size", type=int, default=24, help="requests waiting at most (generations, votes, "
+                        "page loads)")
     return parser.parse_args(argv)
 
 
@@ -72,6 +75,10 @@ def main(argv=None) -> int:
         if min(args.generations_per_minute, args.votes_per_hour, args.queue_size) < 1:
             raise ValueError("--generations_per_minute, --votes_per_hour and --queue_size must be at least 1")
         auth = check_exposure(args.host, read_auth(args))
+        allowed_hosts = tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip())
+        if args.host in ("0.0.0.0", "::") and not allowed_hosts:
+            raise ValueError(f"--host {args.host} answers on every interface: name the host names clients use "
+                             "with --allowed_hosts (requests naming any other host are refused)")
         if args.auth:
             print("warning: --auth shows the password in the process list; use DDIFF_SERVE_AUTH or --auth_file",
                   file=sys.stderr)
@@ -104,7 +111,7 @@ def main(argv=None) -> int:
         print(f"warning: LoRA {name} is unavailable: {reason}", file=sys.stderr)
     cuda = device.startswith("cuda")
     print(f"serving on http://{args.host}:{args.port}/ (votes: {votes_db})", file=sys.stderr)
-    serve(server, host=args.host, port=args.port, auth=auth, default_size=args.default_size or (512 if cuda else 128),
+    serve(server, host=args.host, port=args.port, auth=auth, allowed_hosts=allowed_hosts, default_size=args.default_size or (512 if cuda else 128),
           default_steps=args.default_steps or (28 if cuda else 4), generations_per_minute=args.generations_per_minute,
           queue_size=args.queue_size)
     return 0

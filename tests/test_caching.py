@@ -30,7 +30,7 @@ def test_cache_is_reused_only_for_the_same_fingerprint(tmp_path):
 
     def build():
         calls.append(1)
-        return {"x": torch.arange(6.0).view(3, 2)}
+        return {"x": list(torch.arange(6.0).view(3, 2))}
 
     path = tmp_path / "c.safetensors"
     first = FeatureCache.load_or_build(path, "key-a", 3, build)

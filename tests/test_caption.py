@@ -16,7 +16,7 @@ from ddiff_core.captioning.template import TemplateCaptioner
 from ddiff_core.captioning.vlm import VisionLanguageCaptioner
 from ddiff_core.data import DataError
 
-from .conftest import DEMO_DATA, run_main, run_script, start_script, train_args
+from .conftest import DEMO_DATA, DEMO_IMAGES, run_main, run_script, start_script, train_args
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +46,7 @@ def test_vision_language_captioner_batched_with_trigger(tiny_vlm, tmp_path):
         assert row["text"].startswith("<nolan-style> ") and row["text"].endswith(", in <nolan-style> style")
         body = row["text"][len("<nolan-style> "):-len(", in <nolan-style> style")]
         assert len(body.split()) <= 6 and all(ch.isprintable() for ch in body)
-    assert "captioned 12 images" in result.stdout and "images/s" in result.stdout
+    assert f"captioned {DEMO_IMAGES} images" in result.stdout and "images/s" in result.stdout
 
 
 def _assert_left_padded_and_rows_as_if_alone(model, batch, singles):
@@ -87,7 +87,8 @@ def test_template_captioner_and_trigger_placements(tmp_path):
 
 
 def test_killed_run_resumes_and_captions_every_image_exactly_once(tiny_vlm, tmp_path):
-    stills = _stills(tmp_path / "stills", copies=15)  # 180 images
+    stills = _stills(tmp_path / "stills", copies=10)
+    total = 10 * DEMO_IMAGES
     args = ["--input_dir", str(stills), "--model", str(tiny_vlm), "--batch_size", "2", "--max_new_tokens", "24"]
     proc = start_script("caption.py", args)
     metadata = stills / "metadata.jsonl"
@@ -97,11 +98,11 @@ def test_killed_run_resumes_and_captions_every_image_exactly_once(tiny_vlm, tmp_
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = {r["file_name"]: r["text"] for r in _rows(stills)}  # whole rows: the file was replaced atomically
-    assert 10 <= len(before) < 180
+    assert 10 <= len(before) < total
     result = run_script("caption.py", args)
     after = {r["file_name"]: r["text"] for r in _rows(stills)}
-    assert len(after) == 180 and all(after[name] == text for name, text in before.items())
-    assert f"captioned {180 - len(before)} images" in result.stdout and f"kept {len(before)} existing" in result.stdout
+    assert len(after) == total and all(after[name] == text for name, text in before.items())
+    assert f"captioned {total - len(before)} images" in result.stdout and f"kept {len(before)} existing" in result.stdout
     assert not list(stills.glob(".metadata.jsonl*.tmp"))
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from ddiff_core.data import DataError, EpochBatchSampler, ImageCaptionDataset, load_records, screen_records
 
-from .conftest import DEMO_DATA
+from .conftest import DEMO_DATA, DEMO_IMAGES
 
 
 def _cfg(folder, **kw):
@@ -24,9 +24,9 @@ def _images(folder, names):
 
 def test_demo_folder_reads_metadata_captions():
     records, _ = load_records(_cfg(DEMO_DATA))
-    assert len(records) == 12
+    assert len(records) == DEMO_IMAGES
     assert all("<demo-style>" in r.caption for r in records)
-    assert len({r.caption for r in records}) == 12
+    assert len({r.caption for r in records}) == DEMO_IMAGES
 
 
 def test_txt_captions_and_instance_prompt_fallback(tmp_path):
@@ -140,8 +140,8 @@ def test_dataset_name_local_folder(tmp_path):
 def test_items_are_fixed_per_record_and_in_range():
     records, _ = load_records(_cfg(DEMO_DATA))
     ds = ImageCaptionDataset(records, resolution=64, random_flip=True, seed=5, repeats=2)
-    assert len(ds) == 24
-    a, b = ds[3], ds[3 + 12]  # a repeat is the same record, same crop and flip
+    assert len(ds) == 2 * DEMO_IMAGES
+    a, b = ds[3], ds[3 + DEMO_IMAGES]  # a repeat is the same record, same crop and flip
     assert a["index"] == b["index"] == 3 and torch.equal(a["pixels"], b["pixels"])
     assert a["pixels"].min() >= -1 and a["pixels"].max() <= 1
     assert "pixels" not in ImageCaptionDataset(records, resolution=64, with_pixels=False)[0]

@@ -140,7 +140,17 @@ def test_check_request_bounds_everything_on_the_server(args, message):
 
     with pytest.raises(RequestError, match=message):
         check_request(Limits(), *args)
-    assert check_request(Limits(), " a cat ", "4", 64, "3", 7) == ("a cat", 4, 64, 3.0, 7)
+    assert check_request(Limits(), " a cat ", "4", 64, "3", 7) == ("a cat", 4, 64, 64, 3.0, 7)
+    assert check_request(Limits(), "a cat", 4, 1024, 3.5, 7, "2.39:1")[2:4] == (656, 1584)  # about 1024² pixels
+    with pytest.raises(RequestError, match="aspect '7:1' is not one of"):
+        check_request(Limits(), "a cat", 4, 64, 3.5, 0, "7:1")
+
+
+def test_images_come_in_the_frame_asked_for(served):
+    server, _, _ = served
+    scope = Image.open(server.call("/single", "a street", "(base model)", 1, 2, 64, 3.5, "2.39:1"))
+    portrait = Image.open(server.call("/single", "a street", "(base model)", 1, 2, 64, 3.5, "2:3"))
+    assert scope.size == (96, 48) and portrait.size == (48, 80)  # (width, height), sides multiples of 16
 
 
 def test_a_new_lora_is_picked_up_without_restart(served, tiny_flux):
@@ -190,7 +200,8 @@ def test_a_blind_pair_cannot_be_linked_to_other_outputs(served):
                                                            2, 64, 3.5)]
     pair_hashes = {_sha(pair[0]), _sha(pair[1])}
     assert len(pair_hashes | {_sha(again[0]), _sha(again[1])}) == 4
-    assert not pair_hashes & {_sha(f) for f in others}
+    seen = [_pixels(f) for f in others]  # not even the pixels: the pair's seed is one the client never sent
+    assert not any(torch.equal(_pixels(p), o) for p in pair[:2] for o in seen)
     from ddiff_core.serving.server import StyleServer
 
     image = Image.open(pair[0])
@@ -219,10 +230,13 @@ def test_votes_expire_and_are_bounded_per_client(tmp_path):
     store.vote(tokens[1], "left", "10.0.0.1")
     with pytest.raises(ValueError, match="vote limit"):
         store.vote(tokens[2], "left", "10.0.0.1")
-    store.vote(tokens[2], "left", "10.0.0.2")  # another client still may
+    with pytest.raises(ValueError, match="shown to another client"):
+        store.vote(tokens[2], "left", "10.0.0.2")
+    store.vote(store.new_pair("nolan", "a cat", "10.0.0.2")[0], "left", "10.0.0.2")  # another client still may
     (lora, wins, votes, low, high), = store.results()
     assert (lora, votes) == ("nolan", 3) and 0 <= low <= wins / votes <= high <= 1
-    assert wilson_interval(0, 0) == (0.0, 1.0) and wilson_interval(50, 100)[0] > 0.39
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(0, 10)[1] == pytest.approx(0.2775, abs=1e-4)
 
 
 def test_bad_lora_folders_are_listed_and_the_rest_served(served, tiny_flux):
@@ -253,13 +267,20 @@ def test_bad_lora_folders_are_listed_and_the_rest_served(served, tiny_flux):
                loras / "nolan.v2" / "pytorch_lora_weights.safetensors")
     retrained = server.call("/single", "<nolan.v2> a cat", "nolan.v2", 1, 2, 64, 3.5)
     assert not torch.equal(_pixels(dotted), _pixels(retrained))
+    # copied over in place (same inode, the folder's time unchanged): reloaded too
+    save_tiny_lora("flux", fam.load_components(str(tiny_flux))["transformer"], root / "again" / "nolan.v2", seed=11,
+                   trigger="<nolan.v2>")
+    shutil.copyfile(root / "again" / "nolan.v2" / "pytorch_lora_weights.safetensors",
+                    loras / "nolan.v2" / "pytorch_lora_weights.safetensors")
+    again = server.call("/single", "<nolan.v2> a cat", "nolan.v2", 1, 2, 64, 3.5)
+    assert not torch.equal(_pixels(again), _pixels(retrained))
 
 
 def test_the_guard_refuses_what_the_page_never_needs(served):
     server, _, root = served
     status, _, _ = server.http("/gradio_api/run/compare", method="POST", headers={"Content-Type": "application/json"},
                                body=b'{"data": ["a cat", "nolan-style", 0, 2, 64, 3.5]}')
-    assert status in (403, 404)  # a direct run would skip the queue
+    assert status == 403  # a direct run would skip the queue
     status, _, body = server.http("/gradio_api/upload", method="POST", body=b"x" * 1000,
                                   headers={"Content-Type": "application/octet-stream"})
     assert status == 403 and b"no uploads" in body
@@ -267,15 +288,20 @@ def test_the_guard_refuses_what_the_page_never_needs(served):
     status, headers, _ = server.http("/gradio_api/queue/join", method="POST", body=b"{}",
                                      headers={"Origin": "http://evil.example", "Content-Type": "application/json"})
     assert status == 403 and "access-control-allow-origin" not in {k.lower() for k in headers}
+    status, _, _ = server.http("/gradio_api/queue/join", method="POST", body=b"{}",  # same name, another port
+                               headers={"Origin": "http://127.0.0.1:3000", "Content-Type": "application/json"})
+    assert status == 403
+    status, headers, _ = server.http("/config", headers={"Origin": f"http://127.0.0.1:{server.port}"})
+    assert status == 200 and not any(k.lower().startswith("access-control-allow") for k in headers)
+    assert server.http("/gradio_api/startup-events")[0] == 403
     assert server.http("/", headers={"Host": f"localhost:{server.port}"})[0] == 200
 
 
 def test_rate_limits_auth_from_the_environment_and_failed_logins(tiny_flux, tmp_path):
     loras = make_loras(tiny_flux, tmp_path / "loras", ["nolan-style"])
     strict = Server(tiny_flux, loras, tmp_path / "votes.sqlite", "--generations_per_minute", "2",
-                    env={"DDIFF_SERVE_AUTH": "director:s3cret-pass"}, client=False)
+                    "--allowed_hosts", "studio.lan", env={"DDIFF_SERVE_AUTH": "director:s3cret-pass"}, client=False)
     try:
-        assert "s3cret" not in " ".join(strict.proc.args)  # the password is not on the command line
         assert strict.http("/config")[0] in (401, 403)  # nothing without logging in
         form = {"Content-Type": "application/x-www-form-urlencoded"}
         wrong = [strict.http("/login", method="POST", body=b"username=director&password=guess", headers=form)[0]
@@ -283,17 +309,24 @@ def test_rate_limits_auth_from_the_environment_and_failed_logins(tiny_flux, tmp_
         assert wrong[:10] == [400] * 10 and wrong[10] == 429
         joins = [strict.http("/gradio_api/queue/join", method="POST", body=b"{}",
                              headers={"Content-Type": "application/json"})[0] for _ in range(3)]
-        assert joins[2] == 429 and 429 not in joins[:2]
+        assert joins[2] == 429 and 429 not in joins[:2]  # an unreadable join counts as a generation
+        assert strict.http("/", headers={"Host": f"studio.lan:{strict.port}"})[0] != 421  # a name the operator allowed
+        assert strict.http("/", headers={"Host": f"other.lan:{strict.port}"})[0] == 421
     finally:
         strict.stop()
 
 
-def test_votes_db_inside_the_lora_folder_is_refused(tiny_flux, tmp_path, capsys):
+def test_votes_db_inside_the_lora_folder_and_a_wildcard_bind_without_names_are_refused(tiny_flux, tmp_path, capsys,
+                                                                                        monkeypatch):
     from .conftest import run_main
 
     code, stderr = run_main("serve.py", ["--pretrained_model_name_or_path", str(tiny_flux), "--lora_dir", str(tmp_path),
                                          "--votes_db", str(tmp_path / "votes.sqlite")], capsys)
     assert code == 2 and "is inside --lora_dir" in stderr.strip().splitlines()[-1]
+    monkeypatch.setenv("DDIFF_SERVE_AUTH", "director:s3cret-pass")
+    code, stderr = run_main("serve.py", ["--pretrained_model_name_or_path", str(tiny_flux), "--lora_dir", str(tmp_path),
+                                         "--votes_db", str(tmp_path.parent / "v.sqlite"), "--host", "0.0.0.0"], capsys)
+    assert code == 2 and "--allowed_hosts" in stderr.strip().splitlines()[-1]
 
 
 def test_refuses_a_public_address_without_auth(tiny_flux, tmp_path):

@@ -22,11 +22,10 @@ MAX_LORA_BYTES = 4 << 30  # a FLUX LoRA at rank 128 is ~1.2 GB; anything larger 
 
 
 def adapter_name(folder: str) -> str:
-    """A valid, unique adapter name for any folder name (PEFT refuses dots, and module names must be identifiers)."""
-    safe = re.sub(r"[^A-Za-z0-9_]", "_", folder)
-    if safe == folder and not folder[:1].isdigit():
-        return folder
-    return f"lora_{safe}_{hashlib.sha256(folder.encode()).hexdigest()[:8]}"
+    """A valid, unique adapter name for any folder name: PEFT refuses dots, and an adapter becomes a module attribute,
+    so names such as 'train' or 'forward' would clash; a prefix and a digest of the name avoid both."""
+    safe = re.sub(r"[^A-Za-z0-9_]", "_", folder)[:48]
+    return f"lora_{safe}_{hashlib.sha256(folder.encode()).hexdigest()[:12]}"
 
 
 @dataclass(frozen=True)
@@ -82,12 +81,20 @@ def scan_lora_dir(lora_dir: Path) -> list[LoraInfo]:
     found = []
     for folder in sorted(lora_dir.iterdir()):
         weights = folder / LORA_WEIGHTS_NAME
-        if folder.name.startswith(".") or not folder.is_dir() or not weights.is_file():
-            continue
-        stat = weights.stat()
-        found.append(LoraInfo(folder.name, folder, _card_trigger(folder / "README.md"), (stat.st_size, stat.st_mtime_ns),
-                              _problem(folder, lora_dir)))
+        try:
+            if folder.name.startswith(".") or not folder.is_dir() or not weights.is_file():
+                continue
+            found.append(LoraInfo(folder.name, folder, _card_trigger(folder / "README.md"), _file_stamp(weights),
+                                  _problem(folder, lora_dir)))
+        except OSError as err:  # unreadable, or removed while listed: shown as unavailable, the rest is served
+            found.append(LoraInfo(folder.name, folder, None, (), f"unreadable ({err.strerror})"))
     return found
+
+
+def _file_stamp(path: Path) -> tuple:
+    """What changes when a file is rewritten, in place or by a rename over it."""
+    stat = path.stat()
+    return (stat.st_size, stat.st_mtime_ns, stat.st_ino)
 
 
 class LoraCatalog:
@@ -100,10 +107,17 @@ class LoraCatalog:
         self.scans = 0
 
     def _current_stamp(self) -> tuple:
+        """The folder, each sub-folder and each weights file: a LoRA copied over in place changes it too."""
         if not self.lora_dir.is_dir():
             return ()
-        children = tuple(sorted((p.name, p.stat().st_mtime_ns) for p in self.lora_dir.iterdir() if p.is_dir()))
-        return (self.lora_dir.stat().st_mtime_ns, children)
+        children = []
+        for child in sorted(self.lora_dir.iterdir()):
+            try:
+                weights = child / LORA_WEIGHTS_NAME
+                children.append((child.name, child.stat().st_mtime_ns, _file_stamp(weights) if weights.is_file() else ()))
+            except OSError:
+                children.append((child.name, None, ()))
+        return (self.lora_dir.stat().st_mtime_ns, tuple(children))
 
     def list(self) -> list[LoraInfo]:
         stamp = self._current_stamp()
@@ -159,6 +173,16 @@ class AdapterBank:
     def unavailable(self) -> dict[str, str]:
         """name -> why it is not served (shown on the page; no server paths)."""
         return {name: reason for name, (_, reason) in self._failed.items()}
+
+    def snapshot(self) -> tuple[list[str], dict[str, str]]:
+        """(servable names, unavailable names with reasons), refreshed from the folder unless a generation holds the
+        pipeline, in which case the last state is returned at once: a page load never waits for an image."""
+        if self.lock.acquire(blocking=False):
+            try:
+                self._sync()
+            finally:
+                self.lock.release()
+        return sorted(self.loaded), self.unavailable
 
     def _load(self, item: LoraInfo) -> str | None:
         try:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from PIL import PngImagePlugin
 
+from ddiff_core.buckets import aspect_ratio, bucket_for
 from ddiff_core.serving.adapters import AdapterBank, LoraCatalog, LoraInfo
 from ddiff_core.serving.votes import VoteStore
 
@@ -36,6 +37,8 @@ class Limits:
     max_guidance: float = 20.0
     max_seed: int = 2**32 - 1
     max_work: int = 28 * 1024 * 1024  # steps x pixels of one image: 28 steps at 1024 px, 112 at 512 px
+    # Frames a request may ask for (width:height); the image has about size² pixels in that frame.
+    aspects: tuple[str, ...] = ("1:1", "5:4", "4:3", "3:2", "16:9", "1.85:1", "2.39:1", "4:5", "3:4", "2:3", "9:16")
 
 
 def director_name(lora_name: str) -> str:
@@ -52,8 +55,12 @@ def styled_prompts(prompt: str, info: LoraInfo) -> tuple[str, str]:
     return lora_prompt, f"{plain}, in the style of {director_name(info.name)}"
 
 
-def check_request(lim: Limits, prompt, steps, size, guidance, seed=0) -> tuple[str, int, int, float, int]:
-    """Coerces and bounds every generation parameter; raises RequestError before any model work."""
+def check_request(lim: Limits, prompt, steps, size, guidance, seed=0, aspect="1:1") -> tuple[str, int, int, int, float, int]:
+    """Coerces and bounds every generation parameter; returns (prompt, steps, height, width, guidance, seed).
+
+    Raises:
+        RequestError: before any model work, naming the parameter.
+    """
     if not isinstance(prompt, str) or not prompt.strip():
         raise RequestError("the prompt is empty")
     if len(prompt) > lim.max_prompt_chars:
@@ -66,13 +73,16 @@ def check_request(lim: Limits, prompt, steps, size, guidance, seed=0) -> tuple[s
         raise RequestError(f"steps must be between {lim.min_steps} and {lim.max_steps}, got {steps}")
     if size not in lim.sizes:
         raise RequestError(f"size {size} is not one of {', '.join(map(str, lim.sizes))}")
-    if steps * size * size > lim.max_work:
+    if aspect not in lim.aspects:
+        raise RequestError(f"aspect {str(aspect)[:20]!r} is not one of {', '.join(lim.aspects)}")
+    frame = bucket_for(size, aspect_ratio(aspect), 16)  # 16: every family's pipeline takes such sides
+    if steps * frame.height * frame.width > lim.max_work:
         raise RequestError(f"{steps} steps at {size} px is more work than this server allows; use fewer steps")
     if not 0.0 <= guidance <= lim.max_guidance:
         raise RequestError(f"guidance must be between 0 and {lim.max_guidance}, got {guidance}")
     if not 0 <= seed <= lim.max_seed:
         raise RequestError(f"seed must be between 0 and {lim.max_seed}, got {seed}")
-    return prompt.strip(), steps, size, guidance, seed
+    return prompt.strip(), steps, frame.height, frame.width, guidance, seed
 
 
 class StyleServer:
@@ -96,68 +106,71 @@ class StyleServer:
 
     def styles(self) -> list[str]:
         """The LoRAs that can be served now (the folder is read again only when it changed)."""
-        self.bank.sync()
-        return sorted(self.bank.loaded)
+        return self.bank.snapshot()[0]
 
     def unavailable(self) -> dict[str, str]:
         """LoRA folders that cannot be served, with the reason (no server paths in it)."""
-        self.bank.sync()
-        return dict(self.bank.unavailable)
+        return self.bank.snapshot()[1]
 
     # -- checks ------------------------------------------------------------------------------
-    def check(self, prompt, steps, size, guidance, seed=0) -> tuple[str, int, int, float, int]:
-        return check_request(self.limits, prompt, steps, size, guidance, seed)
+    def check(self, prompt, steps, size, guidance, seed=0, aspect="1:1") -> tuple[str, int, int, int, float, int]:
+        return check_request(self.limits, prompt, steps, size, guidance, seed, aspect)
 
     def style(self, name) -> LoraInfo:
-        """A servable LoRA chosen by name; paths, '..', URLs and unavailable folders are refused."""
-        if not isinstance(name, str) or not name or len(name) > 200 or any(s in name for s in ("/", "\\", "..", ":")):
-            raise RequestError(f"choose a LoRA by its name from the list, not {str(name)[:60]!r}")
-        available = self.styles()
-        if name in self.bank.unavailable:
-            raise RequestError(f"LoRA {name!r} is unavailable: {self.bank.unavailable[name]}")
-        if name not in available:
-            raise RequestError(f"unknown LoRA {name!r}; loaded: {', '.join(available) or 'none'}")
-        return self.bank.loaded[name]
+        """A servable LoRA chosen by its exact name from the list (a request never names a path); unavailable folders
+        are refused with their reason."""
+        if not isinstance(name, str) or not name or len(name) > 200:
+            raise RequestError("choose a LoRA by its name from the list")
+        with self.bank.lock:
+            self.bank.sync()
+            if name in self.bank.loaded:
+                return self.bank.loaded[name]
+            unavailable, available = self.bank.unavailable, sorted(self.bank.loaded)
+        if name in unavailable:
+            raise RequestError(f"LoRA {name!r} is unavailable: {unavailable[name]}")
+        if any(s in name for s in ("/", "\\", "..", ":")):
+            raise RequestError(f"choose a LoRA by its name from the list, not {name[:60]!r}")
+        raise RequestError(f"unknown LoRA {name[:60]!r}; loaded: {', '.join(available) or 'none'}")
 
     # -- generation --------------------------------------------------------------------------
-    def _image(self, prompt: str, lora: str | None, steps: int, size: int, guidance: float, seed: int):
+    def _image(self, prompt: str, lora: str | None, steps: int, height: int, width: int, guidance: float, seed: int):
         with self.bank.lock:
             self.bank.select(lora)
             device = self.pipeline.device
             with torch.no_grad():
                 return self.pipeline(
-                    prompt=prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+                    prompt=prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
                     generator=torch.Generator(device).manual_seed(seed), **self.prompt_kwargs,
                 ).images[0]
 
-    def compare(self, prompt, style, seed, steps, size, guidance):
+    def compare(self, prompt, style, seed, steps, size, guidance, aspect="1:1"):
         """(base image, LoRA image) for the same prompt and seed."""
-        prompt, steps, size, guidance, seed = self.check(prompt, steps, size, guidance, seed)
+        prompt, steps, height, width, guidance, seed = self.check(prompt, steps, size, guidance, seed, aspect)
         info = self.style(style)
         lora_prompt, base_prompt = styled_prompts(prompt, info)
-        return (self._image(base_prompt, None, steps, size, guidance, seed),
-                self._image(lora_prompt, info.name, steps, size, guidance, seed))
+        return (self._image(base_prompt, None, steps, height, width, guidance, seed),
+                self._image(lora_prompt, info.name, steps, height, width, guidance, seed))
 
-    def single(self, prompt, style, seed, steps, size, guidance):
+    def single(self, prompt, style, seed, steps, size, guidance, aspect="1:1"):
         """One image, from a LoRA or (``style`` == BASE) the base model."""
-        prompt, steps, size, guidance, seed = self.check(prompt, steps, size, guidance, seed)
+        prompt, steps, height, width, guidance, seed = self.check(prompt, steps, size, guidance, seed, aspect)
         if style == BASE:
-            return self._image(prompt, None, steps, size, guidance, seed)
+            return self._image(prompt, None, steps, height, width, guidance, seed)
         info = self.style(style)
-        return self._image(styled_prompts(prompt, info)[0], info.name, steps, size, guidance, seed)
+        return self._image(styled_prompts(prompt, info)[0], info.name, steps, height, width, guidance, seed)
 
-    def blind(self, prompt, style, steps, size, guidance, client: str = "") -> tuple[Path, Path, str]:
+    def blind(self, prompt, style, steps, size, guidance, aspect="1:1", client: str = "") -> tuple[Path, Path, str]:
         """Base and LoRA images in random order, as (left file, right file, pair token).
 
         The seed is drawn here and kept with the order on the server, and each file carries a random nonce, so a
         client can link a pair to no other output (not even by comparing files) and learns nothing but the token.
         """
-        prompt, steps, size, guidance, _ = self.check(prompt, steps, size, guidance)
+        prompt, steps, height, width, guidance, _ = self.check(prompt, steps, size, guidance, 0, aspect)
         info = self.style(style)
         token, base_side, seed = self.votes.new_pair(info.name, prompt, client)
         lora_prompt, base_prompt = styled_prompts(prompt, info)
-        base = self._image(base_prompt, None, steps, size, guidance, seed)
-        lora = self._image(lora_prompt, info.name, steps, size, guidance, seed)
+        base = self._image(base_prompt, None, steps, height, width, guidance, seed)
+        lora = self._image(lora_prompt, info.name, steps, height, width, guidance, seed)
         left, right = (base, lora) if base_side == "left" else (lora, base)
         return self._pair_file(left), self._pair_file(right), token
 

@@ -88,13 +88,16 @@ class VoteStore:
             raise ValueError(f"vote for 'left' or 'right', not {str(side)[:20]!r}")
         now, who = time.time(), self._client(client)
         with closing(self._connect()) as db, db:
-            row = db.execute("SELECT lora, prompt, seed, base_side, created FROM pairs WHERE token = ?",
+            db.execute("BEGIN IMMEDIATE")  # the limit check and the vote are one write: concurrent votes queue up
+            row = db.execute("SELECT lora, prompt, seed, base_side, created, client FROM pairs WHERE token = ?",
                              (str(token),)).fetchone()
             if row is None:
                 raise ValueError("unknown or expired pair: generate a new one")
-            lora, prompt, seed, base_side, created = row
+            lora, prompt, seed, base_side, created, shown_to = row
             if created < now - self.pair_ttl_s:
                 raise ValueError("this pair has expired: generate a new one")
+            if shown_to != who:
+                raise ValueError("this pair was shown to another client: generate your own")
             recent = db.execute("SELECT COUNT(*) FROM votes WHERE client = ? AND created > ?",
                                 (who, now - 3600)).fetchone()[0]
             if recent >= self.votes_per_hour:
