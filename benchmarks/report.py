@@ -135,8 +135,10 @@ def render(paths: list[Path]) -> str:
                          f"{_fmt_mem(eb.get('peak_mem_mb'))} | {_fmt_mem(ea.get('peak_mem_mb'))} | {verdict} |")
         lines.append("")
     steps = [b for b in benches if b["extra_info"]["case"] == "bucket_step"]
-    if steps:
+    if steps:  # one table, from the last session of the first model and device measured
         e0 = steps[0]["extra_info"]
+        same = [b for b in steps if all(b["extra_info"].get(k) == e0.get(k) for k in ("family", "size", "device"))]
+        steps = [b for b in same if b["source"] == max(x["source"] for x in same)]
         lines += [f"## Step time per aspect-ratio bucket ({e0.get('family', 'flux')} {e0['size']} on {e0['device']})", "",
                   "One cached training step (batch 2) with every image in the bucket; the buckets have about equal "
                   "area, so their steps should cost about the same.", "",

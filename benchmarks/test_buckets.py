@@ -5,22 +5,21 @@
 
 import pytest
 
-from benchmarks.cases import bucket_step
+from benchmarks.cases import RESOLUTION, bucket_step
 from benchmarks.harness import versions
 from ddiff_core.buckets import default_buckets
+from ddiff_core.families import get_family
 
-RESOLUTION = {"tiny": 64, "small": 128}
 
-
-def _buckets(size):
-    return default_buckets(RESOLUTION.get(size, 64), 16)
+def _buckets(size, family="flux"):
+    return default_buckets(RESOLUTION.get(size, 64), get_family(family).resolution_multiple)
 
 
 @pytest.mark.parametrize("index", range(len(_buckets("small"))))
 def test_bucket_step(benchmark, bench_env, timing_enabled, index):
     if bench_env.size == "full":
         pytest.skip("--model-size full runs benchmarks/test_full_model.py only")
-    buckets = _buckets(bench_env.size)
+    buckets = _buckets(bench_env.size, bench_env.family)
     if index >= len(buckets):
         pytest.skip(f"{bench_env.size} has {len(buckets)} buckets")
     bucket = buckets[index]

@@ -78,6 +78,11 @@ def parse_buckets(text: str) -> list[Bucket]:
         if height == 0 or width == 0:
             raise BucketError(f"--aspect_ratio_buckets: {part!r} has a zero side")
         buckets.append(Bucket(height, width))
+    by_ratio: dict[float, Bucket] = {}
+    for bucket in buckets:
+        other = by_ratio.setdefault(round(bucket.ratio, 6), bucket)
+        if other != bucket:  # the nearest-ratio rule would never pick one of them
+            raise BucketError(f"--aspect_ratio_buckets: {other} and {bucket} have the same aspect ratio; keep one")
     return sorted(set(buckets), key=lambda b: b.ratio)
 
 

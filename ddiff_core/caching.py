@@ -112,7 +112,8 @@ def build_text_cache(family, components, captions: list[str], path: Path, key: s
             for name, value in out.items():
                 encoded.setdefault(name, []).append(value.cpu())
         position = {caption: i for i, caption in enumerate(unique)}
-        return {name: [torch.cat(parts)[position[c]].clone() for c in captions] for name, parts in encoded.items()}
+        tables = {name: torch.cat(parts) for name, parts in encoded.items()}
+        return {name: [table[position[c]].clone() for c in captions] for name, table in tables.items()}
 
     return FeatureCache.load_or_build(path, key, len(captions), build)
 

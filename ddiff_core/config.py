@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -166,10 +167,10 @@ class TrainConfig:
         for part in (self.validation_resolution or "").split(","):
             if not part.strip():
                 continue
-            height, sep, width = part.strip().lower().partition("x")
-            if not (sep and height.isdigit() and width.isdigit() and int(height) > 0 and int(width) > 0):
+            match = re.fullmatch(r"([0-9]+)x([0-9]+)", part.strip().lower())
+            if not match or 0 in (int(match.group(1)), int(match.group(2))):
                 raise ConfigError(f"--validation_resolution {part.strip()!r} is not HxW (e.g. 768x1344)")
-            sizes.append((int(height), int(width)))
+            sizes.append((int(match.group(1)), int(match.group(2))))
         return sizes
 
     @property

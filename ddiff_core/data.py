@@ -399,8 +399,9 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     Epoch ``e`` draws from ``seed + e``: within each group a permutation of its items, cut into batches, the last one
     filled up by repeating the group's first items of that epoch (no image is dropped, and every batch has one shape
     and the full size, cached or not); then, with several groups, the batches in a shuffled order. Process ``r`` of
-    ``n`` takes batches ``r, r + n, ...``; every process runs the same number (the last partial round is dropped), so
-    a resumed run can skip exactly the batches already trained on and no process waits at a collective.
+    ``n`` takes batches ``r, r + n, ...``; the last round is filled up with the epoch's first batches, so every process
+    runs the same number, a resumed run can skip exactly the batches already trained on, and no process waits at a
+    collective.
     """
 
     def __init__(self, num_items: int, batch_size: int, *, seed: int, num_replicas: int = 1, rank: int = 0,
@@ -412,13 +413,11 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         for item, group in enumerate(groups if groups is not None else [0] * num_items):
             self.members.setdefault(group, []).append(item)
         self.num_batches = sum(math.ceil(len(m) / batch_size) for m in self.members.values())
-        if self.batches_per_replica() == 0:
-            raise DataError(
-                f"{num_items} training items cannot fill one batch of {batch_size} on each of {num_replicas} processes"
-            )
+        if self.num_batches == 0:
+            raise DataError("no training items to make a batch of")
 
     def batches_per_replica(self) -> int:
-        return self.num_batches // self.num_replicas
+        return math.ceil(self.num_batches / self.num_replicas)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.epoch, self.skip = epoch, skip_batches
@@ -435,11 +434,11 @@ class EpochBatchSampler(torch.utils.data.Sampler):
                 batches.append(batch + [order[i % len(order)] for i in range(self.batch_size - len(batch))])
         if len(self.members) > 1:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-        return batches
+        # Every process gets as many batches as the others: the last round is filled up with the epoch's first batches.
+        return batches + batches[: self.batches_per_replica() * self.num_replicas - len(batches)]
 
     def __iter__(self):
-        mine = self.epoch_batches()[self.rank :: self.num_replicas][: self.batches_per_replica()]
-        yield from mine[self.skip :]
+        yield from self.epoch_batches()[self.rank :: self.num_replicas][self.skip :]
 
     def __len__(self) -> int:
         return self.batches_per_replica() - self.skip

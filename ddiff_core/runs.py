@@ -14,12 +14,13 @@ from ddiff_core.atomic import atomic_write_text
 from ddiff_core.caching import fingerprint
 
 RUN_FILE = "run.json"
+# How batches are drawn; a new version changes which images meet in a step, so resuming across it is refused.
+SAMPLER_VERSION = 2  # 2: one aspect bucket per batch, remainders repeated
 # Settings that change what is trained. Not here, because a resume may change them: max_train_steps,
 # num_train_epochs, checkpointing, validation, logging, caching (a cache changes no maths), data loader workers.
 MATH_SETTINGS = (
     "model_family", "revision", "variant", "dataset_config_name", "image_column", "caption_column", "instance_prompt",
-    "repeats", "resolution", "use_aspect_ratio_buckets", "aspect_ratio_buckets", "center_crop", "random_flip",
-    "max_sequence_length",
+    "repeats", "resolution", "center_crop", "random_flip", "max_sequence_length",
     "rank", "lora_alpha", "lora_dropout", "lora_layers",
     "train_batch_size", "gradient_accumulation_steps", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps",
     "lr_num_cycles", "lr_power", "optimizer", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
@@ -83,9 +84,11 @@ class RunIdentity:
     settings: dict
 
     @classmethod
-    def of(cls, config, family: str, model: str, data: str) -> "RunIdentity":
+    def of(cls, config, family: str, model: str, data: str, buckets: list | None = None) -> "RunIdentity":
+        """``buckets``: the aspect buckets in use (the resolved list, not the flags that chose it), or None."""
         values = {name: getattr(config, name) for name in MATH_SETTINGS}
-        return cls({"family": family, "model": model, "data": data, **values})
+        return cls({"family": family, "model": model, "data": data, "sampler": SAMPLER_VERSION,
+                    "buckets": [str(b) for b in buckets] if buckets else None, **values})
 
     @property
     def fingerprint(self) -> str:

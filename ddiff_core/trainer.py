@@ -20,7 +20,8 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from ddiff_core.buckets import bucket_report, check_buckets, default_buckets, most_common, nearest_bucket, parse_buckets
+from ddiff_core.buckets import (Bucket, BucketError, bucket_report, check_buckets, default_buckets, most_common,
+                                nearest_bucket, parse_buckets)
 from ddiff_core.builders import (add_trainable_lora, build_data, build_lr_scheduler, build_optimizer, load_base,
                                  trainable_params)
 from ddiff_core.caching import TrainingFeatures, build_training_features, release_covered_encoders
@@ -118,7 +119,7 @@ class LoraTrainer:
             raise ConfigError(f"mixed precision {mixed_precision!r} is not supported (no, fp16 or bf16)") from err
         model = model_identity(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
         self.identity = RunIdentity.of(dataclasses.replace(cfg, mixed_precision=mixed_precision), self.family.name,
-                                       model, data_identity(self.records))
+                                       model, data_identity(self.records), self.buckets)
         check_output_dir(self.output_dir, self.identity, resume=cfg.resume_from_checkpoint,
                          overwrite=cfg.overwrite_output_dir)
         # A checkpoint to resume must be whole and of this run: checked now, before any model loads.
@@ -133,19 +134,19 @@ class LoraTrainer:
     def _plan_frames(self) -> None:
         """Each record's aspect bucket (with buckets on) and the validation frames, checked against the family."""
         cfg, family = self.config, self.family
-        self.targets = None
+        self.buckets = self.targets = None
         if cfg.buckets_enabled:
-            buckets = (parse_buckets(cfg.aspect_ratio_buckets) if cfg.aspect_ratio_buckets
-                       else default_buckets(cfg.resolution, family.resolution_multiple))
-            check_buckets(buckets, family.resolution_multiple, family.name)
-            self.targets = [nearest_bucket(r.size, buckets) for r in self.records]
+            self.buckets = (parse_buckets(cfg.aspect_ratio_buckets) if cfg.aspect_ratio_buckets
+                            else default_buckets(cfg.resolution, family.resolution_multiple))
+            check_buckets(self.buckets, family.resolution_multiple, family.name)
+            self.targets = [nearest_bucket(r.size, self.buckets) for r in self.records]
         self.validation_sizes = cfg.validation_sizes or (
             [(most_common(self.targets).height, most_common(self.targets).width)] if self.targets
             else [(cfg.resolution, cfg.resolution)])
-        for height, width in self.validation_sizes:
-            if height % family.resolution_multiple or width % family.resolution_multiple:
-                raise ConfigError(f"--validation_resolution {height}x{width} has a side that is not a multiple of "
-                                  f"{family.resolution_multiple}, which {family.name} needs")
+        try:
+            check_buckets([Bucket(h, w) for h, w in self.validation_sizes], family.resolution_multiple, family.name)
+        except BucketError as err:
+            raise ConfigError(str(err).replace("--aspect_ratio_buckets", "--validation_resolution")) from err
 
     def setup(self) -> "LoraTrainer":
         cfg = self.config

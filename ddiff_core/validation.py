@@ -103,24 +103,31 @@ class ValidationRunner:
         n = self.num_images
         return [images[i * n : (i + 1) * n] for i in range(len(self.prompts))]
 
-    def run(self, step: int, trackers=()) -> Path:
+    def run(self, step: int, trackers=()) -> list[Path]:
         """One validation: writes ``validation/step-<step>.png`` (a row per prompt; with several frames one grid each,
         ``step-<step>-<H>x<W>.png``) and logs it."""
+        paths = []
         for size in self.sizes:
             images = self.generate(size=size)
             suffix = "" if len(self.sizes) == 1 else f"-{size[0]}x{size[1]}"
             path = self.output_dir / "validation" / f"step-{step:06d}{suffix}.png"
+            paths.append(path)
             _save_atomic(image_grid(self._rows(images)), path)
             stacked = np.stack([np.asarray(i) for i in images])
             for tracker in trackers:
                 if hasattr(tracker, "log_images"):
                     tracker.log_images({f"validation{suffix}": stacked}, step=step, dataformats="NHWC")
             logger.info("validation images at step %d: %s", step, path)
-        return path
+        return paths
 
-    def final_comparison(self) -> Path:
-        """Base (adapter off) and LoRA side by side for the same prompts and seeds: ``validation/final-base-vs-lora.png``."""
-        base, lora = self._rows(self.generate(lora=False)), self._rows(self.generate())
-        path = self.output_dir / "validation" / "final-base-vs-lora.png"
-        _save_atomic(image_grid([b + l for b, l in zip(base, lora)]), path)
-        return path
+    def final_comparison(self) -> list[Path]:
+        """Base (adapter off) and LoRA side by side for the same prompts and seeds, one file per frame:
+        ``validation/final-base-vs-lora.png`` (``-<H>x<W>`` added with several frames)."""
+        paths = []
+        for size in self.sizes:
+            base, lora = self._rows(self.generate(lora=False, size=size)), self._rows(self.generate(size=size))
+            suffix = "" if len(self.sizes) == 1 else f"-{size[0]}x{size[1]}"
+            path = self.output_dir / "validation" / f"final-base-vs-lora{suffix}.png"
+            _save_atomic(image_grid([b + l for b, l in zip(base, lora)]), path)
+            paths.append(path)
+        return paths

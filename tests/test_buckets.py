@@ -43,6 +43,7 @@ def test_buckets_keep_more_of_a_widescreen_frame_than_a_square():
     ("64,64;wide", "'wide' is not 'height,width'"),
     ("0,64", "has a zero side"),
     ("64x64", "is not 'height,width'"),
+    ("512,512;768,768", "have the same aspect ratio"),
 ])
 def test_bad_bucket_lists_are_one_line_errors(text, message):
     with pytest.raises(BucketError, match=message):
@@ -70,9 +71,9 @@ def test_batches_hold_one_bucket_repeat_the_remainder_and_split_evenly():
     sampler.set_epoch(1)
     assert sampler.epoch_batches() != batches
     shards = [EpochBatchSampler(len(groups), 2, seed=3, groups=groups, num_replicas=2, rank=r) for r in (0, 1)]
-    assert len(list(shards[0])) == len(list(shards[1])) == 3  # 7 batches: the last partial round is dropped
+    assert list(shards[0]) == batches[0::2] and list(shards[1]) == batches[1::2] + [batches[0]]  # 7 batches: 4 each
     shards[0].set_epoch(0, skip_batches=1)
-    assert list(shards[0]) == batches[0::2][1:3]
+    assert list(shards[0]) == batches[0::2][1:]
 
 
 def test_sdxl_conditioning_uses_the_bucket_crop(tmp_path):
@@ -81,11 +82,17 @@ def test_sdxl_conditioning_uses_the_bucket_crop(tmp_path):
 
     Image.new("RGB", (300, 100), "red").save(tmp_path / "scope.png")
     records, _ = screen_records([Record("scope.png", "a", tmp_path / "scope.png")])
-    dataset = ImageCaptionDataset(records, resolution=64, seed=1, with_pixels=True, targets=[(48, 112)])
+    for seed in range(40):  # a seed whose crop is off-centre and flipped
+        dataset = ImageCaptionDataset(records, resolution=64, seed=seed, with_pixels=True, targets=[(48, 112)],
+                                      random_flip=True)
+        crop = dataset.crop(0)
+        if crop.flip and crop.left not in (0, 144 - 112, (144 - 112) // 2):
+            break
+    assert crop.flip
     batch = collate([dataset[0]])
     assert batch["pixels"].shape == (1, 3, 48, 112)
     (top, left), = batch["conditioning"]["crop_top_left"].tolist()
-    assert top == 0 and 0 <= left <= 144 - 112  # 300x100 covers 112x48 at 144x48
+    assert top == 0 and left == 144 - 112 - crop.left  # 300x100 covers 112x48 at 144x48; flipped, mirrored
     latents = torch.zeros(1, 4, 6, 14)
     time_ids = get_family("sdxl").added_conditioning({"pooled_prompt_embeds": torch.zeros(1, 32)}, latents,
                                                      batch["conditioning"], 8)["added_cond_kwargs"]["time_ids"]
@@ -106,6 +113,23 @@ def test_mixed_frames_train_the_same_cached_or_not_and_report_their_buckets(tiny
     grid = Image.open(tmp_path / "cached" / "validation" / "step-000008.png")
     most = max(report["buckets"], key=lambda b: b["images"])["bucket"]
     assert f"{grid.height}x{grid.width}" == most  # one image in the most common bucket's frame
+
+
+def test_validation_frames_are_the_ones_asked_for(tiny_flux, tmp_path, capsys):
+    out = tmp_path / "o"
+    run_script("train_lora.py", train_args(tiny_flux, out, "--max_train_steps", "2", *BUCKETS, "--validation_prompt",
+                                           "<demo-style> a cat", "--num_validation_images", "1", "--validation_steps",
+                                           "2", "--validation_inference_steps", "1",
+                                           "--validation_resolution", "48x96,80x48"))
+    frames = {p.name: Image.open(p).size for p in (out / "validation").iterdir()}
+    assert frames["step-000002-48x96.png"] == (96, 48) and frames["step-000002-80x48.png"] == (48, 80)
+    assert frames["final-base-vs-lora-48x96.png"] == (192, 48)  # base and LoRA side by side
+    code, stderr = run_main("train_lora.py", train_args(tiny_flux, tmp_path / "p", "--validation_resolution", "40x96"),
+                            capsys)
+    assert code == 2 and "40x96 has a side that is not a multiple of 16" in stderr.strip().splitlines()[-1]
+    code, stderr = run_main("train_lora.py", train_args(tiny_flux, tmp_path / "p", "--validation_resolution", "²x512"),
+                            capsys)
+    assert code == 2 and "is not HxW" in stderr.strip().splitlines()[-1]
 
 
 def test_mid_epoch_resume_with_buckets_is_exact(tiny_flux, tmp_path):

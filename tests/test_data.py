@@ -151,10 +151,13 @@ def test_sampler_shards_are_disjoint_reshuffled_and_resumable():
     shards = [EpochBatchSampler(10, 2, seed=1, num_replicas=2, rank=r) for r in (0, 1)]
     epoch0 = [list(s) for s in shards]
     seen = [i for shard in epoch0 for batch in shard for i in batch]
-    assert len(seen) == len(set(seen)) == 8  # 5 batches -> 2 rounds of 2, the fifth is dropped
+    assert len(seen) == 12 and len(set(seen)) == 10  # 5 batches: the last round is filled with the first batch
+    assert len(epoch0[0]) == len(epoch0[1]) == 3
     shards[0].set_epoch(1)
     assert list(shards[0]) != epoch0[0]
     shards[0].set_epoch(0, skip_batches=1)
-    assert list(shards[0]) == epoch0[0][1:] and len(shards[0]) == 1
-    with pytest.raises(DataError, match="cannot fill one batch"):
-        EpochBatchSampler(3, 2, seed=0, num_replicas=4)
+    assert list(shards[0]) == epoch0[0][1:] and len(shards[0]) == 2
+    few = [list(EpochBatchSampler(3, 2, seed=0, num_replicas=4, rank=r)) for r in range(4)]
+    assert all(len(batches) == 1 and len(batches[0]) == 2 for batches in few)  # every process has a full batch
+    with pytest.raises(DataError, match="no training items"):
+        EpochBatchSampler(0, 2, seed=0)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import PngImagePlugin
 
-from ddiff_core.buckets import aspect_ratio, bucket_for
+from ddiff_core.buckets import FRAME_RATIOS, aspect_ratio, bucket_for
 from ddiff_core.serving.adapters import AdapterBank, LoraCatalog, LoraInfo
 from ddiff_core.serving.votes import VoteStore
 
@@ -38,7 +38,8 @@ class Limits:
     max_seed: int = 2**32 - 1
     max_work: int = 28 * 1024 * 1024  # steps x pixels of one image: 28 steps at 1024 px, 112 at 512 px
     # Frames a request may ask for (width:height); the image has about size² pixels in that frame.
-    aspects: tuple[str, ...] = ("1:1", "5:4", "4:3", "3:2", "16:9", "1.85:1", "2.39:1", "4:5", "3:4", "2:3", "9:16")
+    aspects: tuple[str, ...] = tuple(FRAME_RATIOS) + tuple(
+        ":".join(reversed(name.split(":"))) for name in FRAME_RATIOS if name != "1:1")
 
 
 def director_name(lora_name: str) -> str:
@@ -76,8 +77,9 @@ def check_request(lim: Limits, prompt, steps, size, guidance, seed=0, aspect="1:
     if aspect not in lim.aspects:
         raise RequestError(f"aspect {str(aspect)[:20]!r} is not one of {', '.join(lim.aspects)}")
     frame = bucket_for(size, aspect_ratio(aspect), 16)  # 16: every family's pipeline takes such sides
-    if steps * frame.height * frame.width > lim.max_work:
-        raise RequestError(f"{steps} steps at {size} px is more work than this server allows; use fewer steps")
+    if steps * size * size > lim.max_work:  # charged at the nominal size²: every frame of a size costs the same
+        raise RequestError(f"{steps} steps at {frame.height}x{frame.width} is more work than this server allows; "
+                           "use fewer steps or a smaller size")
     if not 0.0 <= guidance <= lim.max_guidance:
         raise RequestError(f"guidance must be between 0 and {lim.max_guidance}, got {guidance}")
     if not 0 <= seed <= lim.max_seed:
