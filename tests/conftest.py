@@ -131,3 +131,28 @@ def assert_same_training(a: Path, b: Path, start: dict, *, rtol: float = 1e-5, m
     diff = torch.cat([(wa[k] - wb[k]).flatten() for k in wa]).norm()
     update = torch.cat([(wb[k] - start[k]).flatten() for k in wb]).norm()
     assert update > 0 and diff / update < max_relative, f"relative difference {diff / update:.2e}"
+
+
+def assert_resume_from_copy_is_exact(model: Path, tmp_path: Path, args: list[str], *, step: int = 3) -> None:
+    """Trains ``args`` whole, then again from a copy of its ``checkpoint-<step>`` (with run.json and the log up to
+    that step) in a new folder: the same LoRA bit for bit, and the same loss and learning rate at every step."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    full, out = tmp_path / "full", tmp_path / "resumed"
+    run_script("train_lora.py", train_args(model, full, *args))
+    shutil.copytree(full / f"checkpoint-{step}", out / f"checkpoint-{step}")
+    shutil.copy(full / "run.json", out / "run.json")
+    metrics = (full / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join(metrics[:step]) + "\n")
+    run_script("train_lora.py", train_args(model, out, *args, "--resume_from_checkpoint", "latest"))
+    a, b = (load_file(o / "pytorch_lora_weights.safetensors") for o in (full, out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def log(lines):
+        return [(r["step"], r["loss"], r["lr"]) for r in map(json.loads, lines)]
+
+    assert log((out / "metrics.jsonl").read_text().splitlines()) == log(metrics)

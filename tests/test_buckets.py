@@ -3,18 +3,16 @@ exactly with mixed frames, cached or not, on 1 and 2 processes."""
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from ddiff_core.buckets import (FRAME_RATIOS, Bucket, BucketError, check_buckets, default_buckets, nearest_bucket,
                                 parse_buckets, pixels_kept)
 from ddiff_core.data import EpochBatchSampler
 
-from .conftest import assert_same_training, initial_lora, run_main, run_script, train_args
+from .conftest import assert_resume_from_copy_is_exact, assert_same_training, initial_lora, run_main, run_script, train_args
 
 BUCKETS = ["--use_aspect_ratio_buckets"]
 
@@ -133,21 +131,8 @@ def test_validation_frames_are_the_ones_asked_for(tiny_flux, tmp_path, capsys):
 
 
 def test_mid_epoch_resume_with_buckets_is_exact(tiny_flux, tmp_path):
-    args = ["--max_train_steps", "6", "--checkpointing_steps", "3", "--learning_rate", "1e-3", "--cache_latents",
-            *BUCKETS]
-    run_script("train_lora.py", train_args(tiny_flux, tmp_path / "full", *args))
-    out = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "full" / "checkpoint-3", out / "checkpoint-3")
-    shutil.copy(tmp_path / "full" / "run.json", out / "run.json")
-    metrics = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
-    (out / "metrics.jsonl").write_text("\n".join(metrics[:3]) + "\n")
-    run_script("train_lora.py", train_args(tiny_flux, out, *args, "--resume_from_checkpoint", "latest"))
-    a, b = load_file(tmp_path / "full" / "pytorch_lora_weights.safetensors"), load_file(out / "pytorch_lora_weights.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    def losses(lines):
-        return [(r["step"], r["loss"], r["lr"]) for r in map(json.loads, lines)]
-
-    assert losses((out / "metrics.jsonl").read_text().splitlines()) == losses(metrics)
+    assert_resume_from_copy_is_exact(tiny_flux, tmp_path, ["--max_train_steps", "6", "--checkpointing_steps", "3",
+                                                           "--learning_rate", "1e-3", "--cache_latents", *BUCKETS])
 
 
 def test_two_processes_train_buckets_in_step(tiny_flux, tmp_path):

@@ -1,9 +1,7 @@
 """Every registered family (and FLUX.1-schnell) through the same tests: tiny build, training with and without
 caches, exact resume, the stock pipeline loading the LoRA; plus a third-party family from an entry point."""
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -14,7 +12,8 @@ from safetensors.torch import load_file
 from ddiff_core.families import available_families, get_family, resolve_family
 from ddiff_core.tiny import TINY_BUILDERS, save_tiny_pipeline
 
-from .conftest import REPO, assert_same_training, initial_lora, run_main, run_script, train_args
+from .conftest import (REPO, assert_resume_from_copy_is_exact, assert_same_training, initial_lora, run_main,
+                       run_script, train_args)
 
 # Every built-in family with a tiny builder (a third party's family needs none), and FLUX.1-schnell.
 CASES = [(name, None) for name in TINY_BUILDERS] + [("flux", "schnell")]
@@ -29,16 +28,6 @@ def family_model(request, tmp_path_factory):
     name, variant = request.param
     path = save_tiny_pipeline(name, tmp_path_factory.mktemp("models") / f"tiny-{name}", "tiny", 0, variant)
     return name, variant, path
-
-
-def _weights(out):
-    return load_file(out / "pytorch_lora_weights.safetensors")
-
-
-def _assert_equal(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def test_family_is_detected_from_model_index(family_model):
@@ -70,19 +59,9 @@ def test_cached_and_uncached_train_the_same_lora_and_it_loads(family_model, tmp_
 @trains_others
 def test_resume_from_a_checkpoint_is_exact(family_model, tmp_path):
     _, _, path = family_model
-    args = ["--max_train_steps", "6", "--checkpointing_steps", "3", "--gradient_accumulation_steps", "2",
-            "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--learning_rate", "1e-3"]
-    run_script("train_lora.py", train_args(path, tmp_path / "full", *args))
-    out = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "full" / "checkpoint-3", out / "checkpoint-3")
-    shutil.copy(tmp_path / "full" / "run.json", out / "run.json")
-    metrics = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
-    (out / "metrics.jsonl").write_text("\n".join(metrics[:3]) + "\n")
-    run_script("train_lora.py", train_args(path, out, *args, "--resume_from_checkpoint", "latest"))
-    _assert_equal(_weights(tmp_path / "full"), _weights(out))
-    assert (out / "metrics.jsonl").read_text().splitlines() != [] and [
-        json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [
-        json.loads(x)["loss"] for x in metrics]
+    assert_resume_from_copy_is_exact(path, tmp_path, [
+        "--max_train_steps", "6", "--checkpointing_steps", "3", "--gradient_accumulation_steps", "2",
+        "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--learning_rate", "1e-3"])
 
 
 @pytest.mark.parametrize("name", ["sd15", "sdxl"])

@@ -257,22 +257,19 @@ def test_bad_lora_folders_are_listed_and_the_rest_served(served, tiny_flux):
                            _pixels(server.call("/single", "<lynch.2> a cat", "(base model)", 1, 2, 64, 3.5)))
     assert "broken.too" in server.call("/styles_refresh")[3]
     # retrained under the same name: the new weights are served at the next request
-    from ddiff_core.families import get_family
-    from ddiff_core.tiny import save_tiny_lora
+    def retrain(seed, put):
+        from ddiff_core.families import get_family
+        from ddiff_core.tiny import save_tiny_lora
 
-    fam = get_family("flux")
-    save_tiny_lora("flux", fam.load_components(str(tiny_flux))["transformer"], root / "retrained" / "nolan.v2", seed=7,
-                   trigger="<nolan.v2>")
-    os.replace(root / "retrained" / "nolan.v2" / "pytorch_lora_weights.safetensors",
-               loras / "nolan.v2" / "pytorch_lora_weights.safetensors")
-    retrained = server.call("/single", "<nolan.v2> a cat", "nolan.v2", 1, 2, 64, 3.5)
+        denoiser = get_family("flux").load_components(str(tiny_flux))["transformer"]
+        save_tiny_lora("flux", denoiser, root / f"seed-{seed}", seed=seed, trigger="<nolan.v2>")
+        put(root / f"seed-{seed}" / "pytorch_lora_weights.safetensors",
+            loras / "nolan.v2" / "pytorch_lora_weights.safetensors")
+        return server.call("/single", "<nolan.v2> a cat", "nolan.v2", 1, 2, 64, 3.5)
+
+    retrained = retrain(7, os.replace)  # renamed over it
     assert not torch.equal(_pixels(dotted), _pixels(retrained))
-    # copied over in place (same inode, the folder's time unchanged): reloaded too
-    save_tiny_lora("flux", fam.load_components(str(tiny_flux))["transformer"], root / "again" / "nolan.v2", seed=11,
-                   trigger="<nolan.v2>")
-    shutil.copyfile(root / "again" / "nolan.v2" / "pytorch_lora_weights.safetensors",
-                    loras / "nolan.v2" / "pytorch_lora_weights.safetensors")
-    again = server.call("/single", "<nolan.v2> a cat", "nolan.v2", 1, 2, 64, 3.5)
+    again = retrain(11, shutil.copyfile)  # copied over in place: same inode, the folder's time unchanged
     assert not torch.equal(_pixels(again), _pixels(retrained))
 
 
