@@ -52,7 +52,7 @@ case "${1:-}" in
     rm -f benchmarks/results/small-cpu*.json
     # Several sessions: the verdicts' noise is the spread of the before/after ratio between them.
     for session in $(seq "${DDIFF_BENCH_SESSIONS:-3}"); do
-      HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 "$PY" -m pytest benchmarks/test_fixes.py -p no:cacheprovider --model-size small \
+      HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 "$PY" -m pytest benchmarks/test_fixes.py benchmarks/test_buckets.py -p no:cacheprovider --model-size small \
         --benchmark-json "benchmarks/results/small-cpu-$session.json" "$@"
     done
     "$PY" -m benchmarks.report benchmarks/results/*.json --output benchmarks/RESULTS.md

@@ -48,9 +48,9 @@ def _spread(pairs: list[tuple[dict, dict]]) -> tuple[float, float, float, str]:
     Several sessions: the median of their ratios, and the lowest and highest. One session: its ratio, and the band
     its rounds allow (before's quartiles over after's, crosswise); a single measurement has no spread (low = high).
     """
-    ratios = [_seconds(b) / _seconds(a) for b, a in pairs]
-    if len(ratios) > 1:
-        return statistics.median(ratios), min(ratios), max(ratios), f"{len(ratios)} sessions"
+    ratios = sorted(_seconds(b) / _seconds(a) for b, a in pairs)
+    if len(ratios) > 1:  # the middle session's ratio (the lower middle for an even count), so the times shown agree
+        return ratios[(len(ratios) - 1) // 2], ratios[0], ratios[-1], f"{len(ratios)} sessions"
     b, a = pairs[0]
     if "inner_median_s" in b["extra_info"] or min(b["stats"]["rounds"], a["stats"]["rounds"]) < 4:
         return ratios[0], ratios[0], ratios[0], "one measurement"
@@ -126,30 +126,41 @@ def render(paths: list[Path]) -> str:
             if not pairs:
                 continue
             ratio, low, high, how = _spread(pairs)
-            eb, ea = pairs[-1][0]["extra_info"], pairs[-1][1]["extra_info"]
-            tb = statistics.median(_seconds(b) for b, _ in pairs)
-            ta = statistics.median(_seconds(a) for _, a in pairs)
+            # The times shown are those of the session whose ratio is the median, so the columns agree.
+            middle = sorted(pairs, key=lambda p: _seconds(p[0]) / _seconds(p[1]))[(len(pairs) - 1) // 2]
+            eb, ea = middle[0]["extra_info"], middle[1]["extra_info"]
+            tb, ta = _seconds(middle[0]), _seconds(middle[1])
             verdict = _verdict(g[2], ratio, low, high, how, eb.get("peak_mem_mb"), ea.get("peak_mem_mb"),
                                eb.get("rss_growth_mb"), ea.get("rss_growth_mb"))
             lines.append(f"| {CLAIMS.get(g[2], g[2])} | {_fmt_time(tb)} | {_fmt_time(ta)} | {ratio:.2f} | "
                          f"{_fmt_mem(eb.get('peak_mem_mb'))} | {_fmt_mem(ea.get('peak_mem_mb'))} | {verdict} |")
         lines.append("")
     steps = [b for b in benches if b["extra_info"]["case"] == "bucket_step"]
-    if steps:  # one table, from the last session of the first model and device measured
+    if steps:  # one table for the first model and device measured; each bucket against the square of its session
         e0 = steps[0]["extra_info"]
-        same = [b for b in steps if all(b["extra_info"].get(k) == e0.get(k) for k in ("family", "size", "device"))]
-        steps = [b for b in same if b["source"] == max(x["source"] for x in same)]
+        steps = [b for b in steps if all(b["extra_info"].get(k) == e0.get(k) for k in ("family", "size", "device"))]
+        sessions = sorted({b["source"] for b in steps})
         lines += [f"## Step time per aspect-ratio bucket ({e0.get('family', 'flux')} {e0['size']} on {e0['device']})", "",
                   "One cached training step (batch 2) with every image in the bucket; the buckets have about equal "
-                  "area, so their steps should cost about the same.", "",
+                  f"area, so their steps should cost about the same. Over {len(sessions)} session(s): the median step, "
+                  "and the step against the square bucket of the same session (median, lowest-highest).", "",
                   "| bucket (HxW) | width:height | pixels | median step | vs the square |", "|---|---|---|---|---|"]
-        square = next((b for b in steps if b["extra_info"]["bucket"].split("x")[0] == b["extra_info"]["bucket"].split("x")[1]),
-                      steps[0])
-        for b in sorted(steps, key=lambda b: int(b["extra_info"]["bucket"].split("x")[1]) / int(b["extra_info"]["bucket"].split("x")[0])):
-            e = b["extra_info"]
-            height, width = map(int, e["bucket"].split("x"))
-            lines.append(f"| {e['bucket']} | {width / height:.2f} | {e['pixels']:,} | {_fmt_time(b['stats']['median'])} | "
-                         f"{b['stats']['median'] / square['stats']['median']:.2f} |")
+
+        def frame(bucket: str) -> tuple[int, int]:
+            height, width = map(int, bucket.split("x"))
+            return height, width
+
+        by_bucket: dict[str, dict[str, float]] = {}
+        for b in steps:
+            by_bucket.setdefault(b["extra_info"]["bucket"], {})[b["source"]] = b["stats"]["median"]
+        squares = [k for k in by_bucket if frame(k)[0] == frame(k)[1]]
+        for bucket in sorted(by_bucket, key=lambda k: frame(k)[1] / frame(k)[0]):
+            times = by_bucket[bucket]
+            ratios = [times[src] / by_bucket[squares[0]][src] for src in times if squares and src in by_bucket[squares[0]]]
+            spread = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})" if ratios else "n/a"
+            height, width = frame(bucket)
+            lines.append(f"| {bucket} | {width / height:.2f} | {height * width:,} | "
+                         f"{_fmt_time(statistics.median(times.values()))} | {spread} |")
         lines.append("")
     full = [b for b in benches if b["extra_info"]["case"].startswith("full_flux")]
     if full:
