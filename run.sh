@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # ddiff's two entry points; each does all the set-up it needs on a fresh machine (Python 3.10+).
-#   ./run.sh demo   build the tiny FLUX, train the demo LoRA on data/demo, print where the outputs are
+#   ./run.sh demo   build the tiny FLUX, train the demo LoRA on data/demo afresh, print where the outputs are
 #   ./run.sh test   run the test suite (offline; installs Debian's chromium for the browser test when root)
 #   ./run.sh serve  the base-vs-LoRA web page on 127.0.0.1:7860 (after ./run.sh demo)
 #   ./run.sh bench  run the benchmark suite on the small model (CPU) 3 times and regenerate benchmarks/RESULTS.md
@@ -28,7 +28,10 @@ case "${1:-}" in
     export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
     [ -f models/tiny-flux/model_index.json ] || "$PY" -m ddiff_core.tiny --family flux --output_dir models/tiny-flux
     shift
-    "$VENV/bin/accelerate" launch --config_file accelerate_configs/cpu.yaml scripts/train_lora.py --config configs/demo.yaml "$@"
+    # The demo starts afresh each time (replacing an earlier demo run), unless asked to resume it.
+    fresh=(--overwrite_output_dir); [[ " $* " == *" --resume_from_checkpoint"* ]] && fresh=()
+    "$VENV/bin/accelerate" launch --config_file accelerate_configs/cpu.yaml scripts/train_lora.py --config configs/demo.yaml \
+      "${fresh[@]}" "$@"
     ;;
   test)
     setup
