@@ -2,6 +2,7 @@
 # ddiff's two entry points; each does all the set-up it needs on a fresh machine (Python 3.10+).
 #   ./run.sh demo   build the tiny FLUX, train the demo LoRA on data/demo afresh, print where the outputs are
 #   ./run.sh test   run the test suite (offline; installs Debian's chromium for the browser test when root)
+#   ./run.sh directors  train three demo directors in one launch, then evaluate them (scripts/evaluate.py)
 #   ./run.sh serve  the base-vs-LoRA web page on 127.0.0.1:7860 (after ./run.sh demo)
 #   ./run.sh bench  run the benchmark suite on the small model (CPU) 3 times and regenerate benchmarks/RESULTS.md
 #   ./run.sh setup  only create .venv and install ddiff with its dev extras
@@ -33,6 +34,19 @@ case "${1:-}" in
     "$VENV/bin/accelerate" launch --config_file accelerate_configs/cpu.yaml scripts/train_lora.py --config configs/demo.yaml \
       "${fresh[@]}" "$@"
     ;;
+  directors)
+    setup
+    export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+    [ -f models/tiny-flux/model_index.json ] || "$PY" -m ddiff_core.tiny --family flux --output_dir models/tiny-flux
+    [ -f models/tiny-clip/config.json ] || "$PY" -m ddiff_core.tiny --clip --output_dir models/tiny-clip
+    [ -f data/directors/noir/metadata.jsonl ] || "$PY" -m ddiff_core.demo_directors --output_dir data/directors
+    shift
+    # A re-run skips the directors already trained and resumes a half-trained one.
+    "$VENV/bin/accelerate" launch --config_file accelerate_configs/cpu.yaml scripts/train_lora.py \
+      --config configs/directors.yaml "$@"
+    "$PY" scripts/evaluate.py --lora_dir outputs/directors --clip_model models/tiny-clip --seeds 0,1,2,3 \
+      --num_inference_steps 4
+    ;;
   test)
     setup
     # The browser test drives Debian's chromium (a test tool's own browser download does not work offline).
@@ -60,5 +74,5 @@ case "${1:-}" in
     done
     "$PY" -m benchmarks.report benchmarks/results/*.json --output benchmarks/RESULTS.md
     ;;
-  *) sed -n '2,8p' "$0"; exit 2 ;;
+  *) sed -n '2,9p' "$0"; exit 2 ;;
 esac

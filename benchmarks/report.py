@@ -88,7 +88,7 @@ def _load(paths: list[Path]) -> list[dict]:
     """Every benchmark entry, each tagged with the file (session) it came from."""
     benches = []
     for path in paths:
-        benches += [{**b, "source": str(path)} for b in json.loads(path.read_text())["benchmarks"]]
+        benches += [{**b, "source": str(path)} for b in json.loads(path.read_text()).get("benchmarks", [])]
     return benches
 
 
@@ -162,6 +162,12 @@ def render(paths: list[Path]) -> str:
             lines.append(f"| {bucket} | {width / height:.2f} | {height * width:,} | "
                          f"{_fmt_time(statistics.median(times.values()))} | {spread} |")
         lines.append("")
+    for path in paths:  # benchmarks.multi_run's results
+        result = json.loads(path.read_text())
+        if "one_launch" in result:
+            from benchmarks.multi_run import render as render_multi_run
+
+            lines += [render_multi_run(result)]
     full = [b for b in benches if b["extra_info"]["case"].startswith("full_flux")]
     if full:
         e0 = full[0]["extra_info"]

@@ -172,14 +172,16 @@ def build_training_features(family, components: dict, dataset, records, *, cache
                             latent_cache=latent_cache, text_cache=text_cache)
 
 
-def release_covered_encoders(features: TrainingFeatures, *, keep_vae: bool = False) -> list[str]:
+def release_covered_encoders(features: TrainingFeatures | list[TrainingFeatures], *, keep_vae: bool = False) -> list[str]:
     """Frees the encoders the caches cover (the training step never touches them again); ``keep_vae`` when
-    validation still decodes with it. Returns the names freed."""
-    components, freed = features.components, []
-    if features.latent_cache is not None and not keep_vae:
+    validation still decodes with it. With several runs' features over one base, an encoder is freed only when
+    every run's cache covers it. Returns the names freed."""
+    runs = features if isinstance(features, list) else [features]
+    components, family, freed = runs[0].components, runs[0].family, []
+    if all(f.latent_cache is not None for f in runs) and not keep_vae:
         freed.append("vae")
-    if features.text_cache is not None:
-        freed += list(features.family.text_encoder_names)
+    if all(f.text_cache is not None for f in runs):
+        freed += [name for name in family.text_encoder_names]
     for name in freed:
         components[name] = None
     if freed:

@@ -34,6 +34,7 @@ FORMAT = 2  # 1 was accelerate's save_state (pickles); never loaded
 LORA_FILE = "lora.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 SCHEDULER_FILE = "scheduler.json"
+EMA_FILE = "ema.safetensors"  # with --use_ema: the moving average, keyed by parameter name
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _STATE_KEY = "ddiff_state"
 
@@ -200,7 +201,8 @@ def _required_files(manifest: dict) -> list[str]:
     ranks = range(manifest["num_processes"])
     sharded = "optimizer-0.safetensors" in manifest["files"]
     optimizers = [f"optimizer-{r}.safetensors" for r in ranks] if sharded else [OPTIMIZER_FILE]
-    return [LORA_FILE, SCHEDULER_FILE, *optimizers, *(f"rng-{r}.safetensors" for r in ranks)]
+    ema = [EMA_FILE] if manifest["run"]["settings"].get("use_ema") else []
+    return [LORA_FILE, SCHEDULER_FILE, *optimizers, *ema, *(f"rng-{r}.safetensors" for r in ranks)]
 
 
 def verify_checkpoint(path: Path) -> dict:
@@ -268,7 +270,7 @@ class Checkpointer:
         self.total_limit = total_limit
 
     def save(self, global_step: int, *, model, optimizer, lr_scheduler, training_generator: torch.Generator,
-             seed: int, lora_params) -> Path:
+             seed: int, lora_params, ema=None) -> Path:
         """Writes ``checkpoint-<global_step>`` atomically; prunes this run's older ones only after it is committed.
 
         Raises:
@@ -289,6 +291,8 @@ class Checkpointer:
             if not _sharded(acc):
                 save_state(tmp / OPTIMIZER_FILE, optimizer.state_dict())
             atomic_write_text(tmp / SCHEDULER_FILE, json.dumps(lr_scheduler.state_dict()))
+            if ema is not None:
+                atomic_write(tmp / EMA_FILE, lambda p: save_file(ema.state_dict(), str(p)))
         acc.wait_for_everyone()
         if _sharded(acc):  # each process holds its own shard of the optimizer state
             save_state(tmp / f"optimizer-{acc.process_index}.safetensors", optimizer.state_dict())
@@ -338,7 +342,7 @@ class Checkpointer:
         return manifest
 
     def load(self, path: Path, manifest: dict, *, model, optimizer, lr_scheduler,
-             training_generator: torch.Generator) -> int:
+             training_generator: torch.Generator, ema=None) -> int:
         """Restores the state saved at ``path`` (already checked, ``manifest`` being what :meth:`check` returned);
         returns the global step. Every piece is checked against this run's own state before it is used.
 
@@ -357,6 +361,8 @@ class Checkpointer:
                 raise CheckpointError(f"{path / name} is larger ({entry['size']} bytes) than this run's state can be")
         lora = _load_matching(path / LORA_FILE, {k: v.shape for k, v in own_lora.items()})
         set_peft_model_state_dict(acc.unwrap_model(model), lora)
+        if ema is not None:
+            ema.load_state_dict(_load_matching(path / EMA_FILE, ema.shapes()))
 
         sharded = _sharded(acc)
         optimizer_file = path / (f"optimizer-{acc.process_index}.safetensors" if sharded else OPTIMIZER_FILE)

@@ -56,6 +56,8 @@ class TrainConfig:
     cache_text_embeddings: bool = _opt(True, "Encode every caption once and cache it (text encoders are frozen).")
     feature_cache_dir: str | None = _opt(None, "Where latent/text caches live (default OUTPUT_DIR/cache).")
     max_image_pixels: int = _opt(40_000_000, "Skip images with more pixels than this (decoding cost; default 40 MP).")
+    holdout: float = _opt(0.0, "Keep this many images (or this fraction, below 1) out of training, chosen by --seed "
+                               "(0 when unset) and listed in OUTPUT_DIR/holdout.jsonl for scripts/evaluate.py.")
     # -- LoRA --------------------------------------------------------------------------------
     rank: int = _opt(4, "LoRA rank.")
     lora_alpha: int = _opt(4, "LoRA alpha.")
@@ -88,6 +90,9 @@ class TrainConfig:
     mixed_precision: str | None = _opt(None, "Mixed precision (frozen weights in this dtype, LoRA in fp32).", ("no", "fp16", "bf16"))
     allow_tf32: bool = _opt(False, "Allow TF32 matmuls on Ampere+ GPUs.")
     seed: int | None = _opt(None, "Seed for a reproducible run.")
+    use_ema: bool = _opt(False, "Keep an exponential moving average of the LoRA weights, saved as "
+                                "pytorch_lora_weights_ema.safetensors.")
+    ema_decay: float = _opt(0.999, "EMA decay per optimizer step (warmed up as min(decay, (1+t)/(10+t))).")
     # -- flow matching -----------------------------------------------------------------------
     guidance_scale: float = _opt(3.5, "Guidance embedding value for guidance-distilled models (FLUX.1-dev).")
     weighting_scheme: str = _opt("none", "Timestep sampling / loss weighting.", WEIGHTING_SCHEMES)
@@ -105,6 +110,7 @@ class TrainConfig:
     validation_steps: int | None = _opt(None, "Validate every N optimizer steps (instead of --validation_epochs).")
     validation_inference_steps: int = _opt(28, "Denoising steps per validation image.")
     validation_guidance_scale: float = _opt(3.5, "Guidance scale of validation images.")
+    validation_use_ema: bool = _opt(False, "Validation images and the final comparison use the EMA weights.")
     validation_resolution: str | None = _opt(None, "'HxW' or several 'HxW,HxW' (default: the most common bucket, "
                                                    "or --resolution square).")
     # -- checkpoints -------------------------------------------------------------------------
@@ -151,6 +157,12 @@ class TrainConfig:
             self.validation_sizes  # raises on a bad value
         if self.learning_rate <= 0:
             raise ConfigError(f"--learning_rate must be positive, got {self.learning_rate}")
+        if self.holdout < 0 or (self.holdout >= 1 and self.holdout != int(self.holdout)):
+            raise ConfigError(f"--holdout must be a whole number of images or a fraction below 1, got {self.holdout}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"--ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.validation_use_ema and not self.use_ema:
+            raise ConfigError("--validation_use_ema needs --use_ema")
 
     @property
     def buckets_enabled(self) -> bool:
@@ -257,33 +269,107 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"--config {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--config {path} is not valid YAML: {str(err).splitlines()[0]}") from err
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--config {path} must hold a mapping of flag names to values")
+    return loaded
+
+
+def _coerce_all(loaded: dict, source: str) -> dict:
+    values = {}
+    for key, value in loaded.items():
+        key = str(key).replace("-", "_")
+        if key not in _FIELDS:
+            raise ConfigError(f"{source}: unknown key {key!r}")
+        values[key] = _coerce(key, value, source)
+    return values
+
+
 def parse_config(argv: list[str] | None = None, description: str | None = None) -> TrainConfig:
-    """Command line (and ``--config`` YAML) -> a validated TrainConfig.
+    """Command line (and ``--config`` YAML) -> a validated TrainConfig, for a launch of one run.
 
     Raises:
-        ConfigError: an unknown flag or key, a wrong type, an unknown choice, or a missing requirement.
+        ConfigError: an unknown flag or key, a wrong type, an unknown choice, a missing requirement, or a
+            ``runs:`` list (see :func:`parse_launch`).
+    """
+    runs = parse_launch(argv, description)
+    if runs[0].name is not None:
+        raise ConfigError("this config has a 'runs:' list; use parse_launch")
+    return runs[0].config
+
+
+# Keys every run of one launch shares: the base model is loaded once, one accelerator runs them all, and each run's
+# folder is OUTPUT_DIR/<name>.
+SHARED_ONLY = ("pretrained_model_name_or_path", "revision", "variant", "model_family", "cache_dir", "mixed_precision",
+               "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to", "logging_dir", "allow_tf32")
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+RESERVED_RUN_NAMES = {"eval", "logs", "cache", "launch.json"}  # what a launch or the evaluation writes beside the runs
+MAX_RUNS = 256
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a launch: its name (None for a launch without ``runs:``) and its whole config."""
+
+    name: str | None
+    config: TrainConfig
+
+
+def parse_launch(argv: list[str] | None = None, description: str | None = None) -> list[RunSpec]:
+    """Command line and ``--config`` YAML -> the launch's runs, each config validated.
+
+    A YAML ``runs:`` list trains several LoRAs over one base model: each entry has a ``name`` (its folder under
+    ``--output_dir``) and any keys that differ from the shared ones; the command line overrides both. Each run
+    resumes its own latest checkpoint unless ``--overwrite_output_dir`` is given.
+
+    Raises:
+        ConfigError: as :func:`parse_config`, or a bad ``runs:`` list (names, shared-only keys, duplicates).
     """
     args = build_parser(description).parse_args(argv)
-    values: dict = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"--config {path} does not exist")
+    loaded = _read_yaml(Path(args.config)) if args.config else {}
+    source = f"--config {args.config}"
+    entries = loaded.pop("runs", None)
+    shared = _coerce_all(loaded, source)
+    cli = {key: _coerce(key, getattr(args, key), f"--{key}") for key in _FIELDS if getattr(args, key) is not None}
+    if entries is None:
+        config = TrainConfig(**{**shared, **cli})
+        config.validate()
+        return [RunSpec(None, config)]
+    if not isinstance(entries, list) or not entries or len(entries) > MAX_RUNS:
+        raise ConfigError(f"{source}: runs must be a list of 1 to {MAX_RUNS} mappings, each with a name")
+    base = {**shared, **cli}
+    if base.get("resume_from_checkpoint") not in (None, "latest"):
+        raise ConfigError("--resume_from_checkpoint with a runs: list must be 'latest' (each run resumes its own)")
+    output_dir = Path(base.get("output_dir") or TrainConfig.output_dir)
+    specs, seen = [], set()
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise ConfigError(f"{source}: runs[{i}] must be a mapping with a name")
+        entry = dict(entry)
+        name = entry.pop("name")
+        if not RUN_NAME.match(name) or name.lower() in RESERVED_RUN_NAMES or name.lower().endswith(".json"):
+            raise ConfigError(f"{source}: run name {name!r} must be letters, digits, '.', '_' or '-' (a folder name), "
+                              f"not one of {', '.join(sorted(RESERVED_RUN_NAMES))} or *.json")
+        if name.lower() in seen:
+            raise ConfigError(f"{source}: run name {name!r} appears twice")
+        seen.add(name.lower())
+        own = _coerce_all(entry, f"{source}: run {name}")
+        fixed = sorted(set(own) & set(SHARED_ONLY))
+        if fixed:
+            raise ConfigError(f"{source}: run {name} sets {', '.join(fixed)}, which every run of a launch shares")
+        values = {**shared, **own, **cli, "output_dir": str(output_dir / name)}
+        if not values.get("overwrite_output_dir"):
+            values["resume_from_checkpoint"] = "latest"
+        config = TrainConfig(**values)
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--config {path} is not valid YAML: {str(err).splitlines()[0]}") from err
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"--config {path} must hold a mapping of flag names to values")
-        for key, value in loaded.items():
-            key = str(key).replace("-", "_")
-            if key not in _FIELDS:
-                raise ConfigError(f"--config {path}: unknown key {key!r}")
-            values[key] = _coerce(key, value, f"--config {path}")
-    for key in _FIELDS:
-        value = getattr(args, key)
-        if value is not None:
-            values[key] = _coerce(key, value, f"--{key}")
-    config = TrainConfig(**values)
-    config.validate()
-    return config
+            config.validate()
+        except ConfigError as err:
+            raise ConfigError(f"run {name}: {err}") from err
+        specs.append(RunSpec(name, config))
+    return specs

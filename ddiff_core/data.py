@@ -278,6 +278,59 @@ def screen_records(records: list[Record], dataset=None, image_column: str = "ima
     return usable, skipped
 
 
+HOLDOUT_FILE = "holdout.jsonl"
+
+
+def split_holdout(records: list[Record], holdout: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Keeps ``holdout`` images (a count, or a fraction of them when below 1; at least one) out of training.
+
+    Which ones depends only on the seed and each image's content and name, not on the order of the folder, so a
+    re-run or another machine holds out the same stills. Both lists keep the records' order.
+
+    Raises:
+        DataError: the holdout would leave no image to train on.
+    """
+    if not holdout:
+        return records, []
+    count = int(holdout) if holdout >= 1 else max(1, round(holdout * len(records)))
+    if count >= len(records):
+        raise DataError(f"--holdout {holdout:g} keeps {count} of {len(records)} usable images out of training: "
+                        "none would be left to train on")
+    rank = sorted(range(len(records)),
+                  key=lambda i: hashlib.sha256(f"{seed}:{records[i].digest}:{records[i].name}".encode()).hexdigest())
+    held = set(rank[:count])
+    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+
+
+def write_holdout(path: Path, records: list[Record]) -> Path:
+    """``holdout.jsonl``: one line per held-out image (its name, caption and content digest)."""
+    lines = [json.dumps({"file_name": r.name, "text": r.caption, "sha256": r.digest}) for r in records]
+    return atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def read_holdout(path: Path, limit: int = 1 << 20) -> list[dict]:
+    """The entries of a ``holdout.jsonl`` (at most ``limit`` bytes; each must name a digest).
+
+    Raises:
+        DataError: a missing, oversized or malformed file.
+    """
+    path = Path(path)
+    if not path.is_file() or path.is_symlink():
+        raise DataError(f"{path} does not exist (train with --holdout N to hold out stills)")
+    if path.stat().st_size > limit:
+        raise DataError(f"{path} is larger than {limit} bytes")
+    entries = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            entry = json.loads(line)
+        except ValueError as err:
+            raise DataError(f"{path} line {number} is not JSON") from err
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("file_name"), str)):
+            raise DataError(f"{path} line {number} lacks file_name or sha256")
+        entries.append(entry)
+    return entries
+
+
 def _item_rng(seed: int, index: int) -> np.random.Generator:
     digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))

@@ -16,6 +16,7 @@ from peft.utils import get_peft_model_state_dict
 from ddiff_core.atomic import atomic_write, atomic_write_text
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+EMA_WEIGHTS_NAME = "pytorch_lora_weights_ema.safetensors"  # load with weight_name=EMA_WEIGHTS_NAME
 
 
 def add_lora(denoiser, family, *, rank: int, alpha: int, dropout: float, lora_layers: str | None) -> LoraConfig:
@@ -56,13 +57,13 @@ def lora_metadata(config: LoraConfig) -> dict:
     return json.loads(json.dumps(meta, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
 
 
-def save_lora(output_dir: str | Path, family, denoiser, config: LoraConfig) -> Path:
-    """Writes ``pytorch_lora_weights.safetensors`` atomically."""
+def save_lora(output_dir: str | Path, family, denoiser, config: LoraConfig, weight_name: str = LORA_WEIGHTS_NAME) -> Path:
+    """Writes ``weight_name`` (``pytorch_lora_weights.safetensors``) atomically."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".lora-") as tmp:  # the family's writer picks the name
         family.save_lora_weights(tmp, lora_state_dict(denoiser), lora_metadata(config))
-        return atomic_write(output_dir / LORA_WEIGHTS_NAME,
+        return atomic_write(output_dir / weight_name,
                             lambda dst: shutil.copyfile(Path(tmp) / LORA_WEIGHTS_NAME, dst))
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from ddiff_core.atomic import atomic_write_text
-from ddiff_core.lora import save_kohya_copy, save_lora, write_model_card
+from ddiff_core.lora import EMA_WEIGHTS_NAME, save_kohya_copy, save_lora, write_model_card
 
 
 class MetricsLog:
@@ -61,7 +61,11 @@ class RunOutputs:
     def write_summary(self, summary: dict) -> Path:
         return atomic_write_text(self.output_dir / "run_summary.json", json.dumps(summary, indent=2) + "\n")
 
-    def write_lora(self, family, denoiser, lora_config, *, kohya: bool = False) -> Path:
+    def write_lora(self, family, denoiser, lora_config, *, kohya: bool = False, ema=None) -> Path:
+        """The LoRA (and, given the run's EMA, its average as ``pytorch_lora_weights_ema.safetensors``)."""
+        if ema is not None:
+            with ema.swapped_in():
+                save_lora(self.output_dir, family, denoiser, lora_config, weight_name=EMA_WEIGHTS_NAME)
         path = save_lora(self.output_dir, family, denoiser, lora_config)
         if kohya:
             save_kohya_copy(self.output_dir, family, denoiser, lora_config)

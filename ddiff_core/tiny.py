@@ -216,6 +216,28 @@ def save_tiny_lora(family: str, denoiser, output_dir: str | Path, *, seed: int =
     return Path(output_dir)
 
 
+def save_tiny_clip_model(output_dir: str | Path, seed: int = 0) -> Path:
+    """A random-weight CLIP (text and vision towers, 32 px images) with its tokenizer and image processor, for
+    ``scripts/evaluate.py --clip_model`` offline."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from ddiff_core.tokenizers import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer()
+    torch.manual_seed(seed)
+    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 8}
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    output_dir = Path(output_dir)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(output_dir)
+    return output_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddiff_core.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="flux", choices=sorted(TINY_BUILDERS))
@@ -224,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variant", default=None, help="a family's variant, e.g. flux: schnell (no guidance embedding)")
     parser.add_argument("--captioner", action="store_true", help="build the tiny vision-language captioner instead")
+    parser.add_argument("--clip", action="store_true", help="build a tiny CLIP model (for scripts/evaluate.py) instead")
     args = parser.parse_args(argv)
+    if args.clip:
+        print(f"saved a random-weight CLIP model to {save_tiny_clip_model(args.output_dir, args.seed)}")
+        return 0
     if args.captioner:
         from ddiff_core.captioning.vlm import VisionLanguageCaptioner
 

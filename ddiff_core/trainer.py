@@ -7,6 +7,7 @@ loss and the TrainingFeatures object for each batch's latents and text embedding
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -25,12 +26,13 @@ from ddiff_core.buckets import (Bucket, BucketError, bucket_report, check_bucket
 from ddiff_core.builders import (add_trainable_lora, build_data, build_lr_scheduler, build_optimizer, load_base,
                                  trainable_params)
 from ddiff_core.caching import TrainingFeatures, build_training_features, release_covered_encoders
-from ddiff_core.checkpoint import Checkpointer, latest_checkpoint
+from ddiff_core.checkpoint import CheckpointError, Checkpointer, latest_checkpoint
 from ddiff_core.config import ConfigError, LossSettings, TrainConfig
-from ddiff_core.data import DataError, load_records, screen_records
-from ddiff_core.families import resolve_family
+from ddiff_core.data import HOLDOUT_FILE, DataError, load_records, screen_records, split_holdout, write_holdout
+from ddiff_core.ema import LoraEMA
+from ddiff_core.families import UnknownModelError, resolve_family
 from ddiff_core.latents import sample_latents
-from ddiff_core.lora import lora_digest, lora_state_dict, trigger_phrase
+from ddiff_core.lora import LORA_WEIGHTS_NAME, lora_digest, lora_state_dict, trigger_phrase
 from ddiff_core.outputs import RunOutputs
 from ddiff_core.precision import dtype_of
 from ddiff_core.profiling import NullProfiler, peak_memory_mb
@@ -38,6 +40,14 @@ from ddiff_core.runs import RunIdentity, check_output_dir, clear_run_outputs, da
 from ddiff_core.validation import ValidationRunner
 
 logger = logging.getLogger(__name__)
+
+
+class FailedElsewhere(ValueError):
+    """Another process of the run failed in the same phase (its own error says why)."""
+
+
+# What a run's bad input raises (ConfigError and RunFolderError are ValueErrors): reported with exit code 2.
+INPUT_ERRORS = (DataError, UnknownModelError, CheckpointError, ValueError, OSError)
 
 class TrainingInterrupted(RuntimeError):
     """SIGTERM/SIGINT: the current step finished and a checkpoint was written."""
@@ -49,6 +59,18 @@ class TrainingInterrupted(RuntimeError):
 
 class NonFiniteLoss(RuntimeError):
     """A NaN or infinite loss; nothing was stepped or written with it."""
+
+
+def agree(accelerator, error: BaseException | None) -> None:
+    """Re-raises ``error``, and raises on every other process too, when any process failed in a phase: processes
+    that went on alone would wait forever in the next collective."""
+    if accelerator.num_processes > 1:
+        failed = int(accelerator.reduce(torch.tensor(int(error is not None), device=accelerator.device),
+                                        reduction="sum").item())
+        if failed and error is None:
+            raise FailedElsewhere(f"failed on another process (of {failed})")
+    if error is not None:
+        raise error
 
 
 def compute_loss(objective, denoiser, features: TrainingFeatures, latent_norm, batch: dict, generator: torch.Generator,
@@ -78,20 +100,52 @@ def _check_topology(accelerator, config: TrainConfig) -> None:
         # can store, which a checkpoint must never need.
         raise ConfigError("DeepSpeed is not supported: use accelerate_configs/ddp.yaml, or fsdp.yaml to shard the "
                           "frozen base (for a LoRA, ZeRO-2 shards only the small LoRA optimizer state)")
+    if config.use_ema and accelerator.distributed_type == DistributedType.FSDP:
+        raise ConfigError("--use_ema is not supported under FSDP yet (the average would need gathering each step)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
         raise ConfigError(f"{os.environ['WORLD_SIZE']} processes were launched but they are not synchronised (on a CPU "
                           "machine set ACCELERATE_USE_CPU=1 and use accelerate_configs/cpu_ddp.yaml)")
 
 
-class LoraTrainer:
-    """One training run. ``setup()`` checks inputs and builds everything, ``train()`` runs, ``save()`` writes."""
+def make_accelerator(config: TrainConfig, project_dir: Path) -> Accelerator:
+    """The launch's one Accelerator (every run of a launch shares its precision and tracker kind)."""
+    log_with = None if config.report_to == "none" else config.report_to
+    acc = Accelerator(mixed_precision=config.mixed_precision, log_with=log_with,
+                      project_config=ProjectConfiguration(project_dir=str(project_dir),
+                                                          logging_dir=str(Path(project_dir) / config.logging_dir)))
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if acc.is_main_process else logging.WARNING)
+    if config.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return acc
 
-    def __init__(self, config: TrainConfig, profiler=None):
+
+def load_shared_base(family, config: TrainConfig, accelerator) -> dict:
+    """The frozen base in the launch's weight dtype, on its device: loaded once for every run of a launch."""
+    return load_base(family, config.pretrained_model_name_or_path, dtype=dtype_of(accelerator.mixed_precision),
+                     device=accelerator.device, revision=config.revision, variant=config.variant)
+
+
+def release_encoders(trainers: list["LoraTrainer"]) -> list[str]:
+    """Frees the encoders that every run's caches cover; the VAE stays while any run validates or encodes."""
+    keep_vae = any(t.validator is not None or t.features.latent_cache is None for t in trainers)
+    return release_covered_encoders([t.features for t in trainers], keep_vae=keep_vae)
+
+
+class LoraTrainer:
+    """One training run, in phases a launch of many runs interleaves: ``check_inputs()`` (no model),
+    ``attach()`` (seed, folder, data order), ``build_features()`` (caches, validator: needs the encoders),
+    ``start()`` (the LoRA, optimizer, resume), ``train()``, ``save()``, ``cleanup()`` (the LoRA removed again).
+    ``setup()`` runs the first four for a run alone."""
+
+    def __init__(self, config: TrainConfig, profiler=None, name: str | None = None):
         self.config = config
+        self.name = name  # the run's name in a launch of several, else None
         self.profiler = profiler or NullProfiler()
         self.output_dir = Path(config.output_dir)
         self.outputs = RunOutputs(self.output_dir)
         self.global_step = 0
+        self.ema = None
 
     # -- setup -------------------------------------------------------------------------------
     def check_inputs(self) -> None:
@@ -111,6 +165,7 @@ class LoraTrainer:
             source = cfg.instance_data_dir or cfg.dataset_name
             raise DataError(f"no usable images in {source}: all {len(self.skipped)} were skipped "
                             f"({'; '.join(f'{n}: {r}' for n, r in self.skipped[:3])})")
+        self.records, self.holdout = split_holdout(self.records, cfg.holdout, cfg.seed or 0)
         self._plan_frames()
         mixed_precision = cfg.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION") or "no"
         try:
@@ -148,77 +203,117 @@ class LoraTrainer:
         except BucketError as err:
             raise ConfigError(str(err).replace("--aspect_ratio_buckets", "--validation_resolution")) from err
 
-    def setup(self) -> "LoraTrainer":
-        cfg = self.config
+    def setup(self, accelerator=None) -> "LoraTrainer":
+        """A run alone: checks, then loads the base, builds the caches, frees the encoders and adds the LoRA."""
         self.check_inputs()
-        log_with = None if cfg.report_to == "none" else cfg.report_to
-        self.accelerator = acc = Accelerator(
-            mixed_precision=cfg.mixed_precision,
-            log_with=log_with,
-            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / cfg.logging_dir)),
-        )
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if acc.is_main_process else logging.WARNING)
+        self.attach(accelerator or make_accelerator(self.config, self.output_dir))
+        self.build_features(load_shared_base(self.family, self.config, self.accelerator))
+        release_encoders([self])
+        self.start()
+        return self
+
+    def attach(self, accelerator) -> bool:
+        """Takes the launch's accelerator: the seed, the data order and the step plan, then the output folder.
+        Returns False, touching nothing, when the folder already holds this run finished."""
+        cfg = self.config
+        self.accelerator = acc = accelerator
         _check_topology(acc, cfg)
-        if cfg.allow_tf32 and torch.cuda.is_available():
-            torch.backends.cuda.matmul.allow_tf32 = True
         self.seed = seed = self._shared_seed()
-        set_seed(seed)
-        self._prepare_folder()
         self.weight_dtype = dtype_of(acc.mixed_precision)
-        device = acc.device
-
-        # The frozen base in the weight dtype, and this run's objective (its sampler and schedule) from it.
-        self.components = load_base(self.family, cfg.pretrained_model_name_or_path, dtype=self.weight_dtype,
-                                    device=device, revision=cfg.revision, variant=cfg.variant)
-        self.objective = self.family.training_objective(self.components, self.loss_settings)
-        self.latent_norm = self.family.latent_norm(self.components["vae"].config)
         self.data = build_data(self.records, cfg, seed=seed, hf_dataset=self.hf_dataset, num_replicas=acc.num_processes,
-                               rank=acc.process_index, pin_memory=device.type == "cuda", targets=self.targets)
-        denoiser = self.components[self.family.denoiser_name]
-        with acc.main_process_first():  # the main process builds (or finds) each cache; the others read it
-            self.features = build_training_features(
-                self.family, self.components, self.data.dataset, self.records, cache_latents=cfg.cache_latents,
-                cache_text=cfg.cache_text_embeddings, cache_dir=Path(cfg.feature_cache_dir or self.output_dir / "cache"),
-                model_id=self.identity.settings["model"], dtype=self.weight_dtype, seed=seed, device=device,
-                max_sequence_length=cfg.max_sequence_length, show_progress=acc.is_local_main_process)
-        self.validator = None
-        if cfg.validation_prompts and acc.is_main_process:
-            # Assembled now, while the text encoders are still loaded; it keeps the VAE for decoding.
-            self.validator = ValidationRunner(
-                self.family, self.components, denoiser, cfg.validation_prompts, num_images=cfg.num_validation_images,
-                seed=seed, resolution=self.validation_sizes, num_inference_steps=cfg.validation_inference_steps,
-                guidance_scale=cfg.validation_guidance_scale, max_sequence_length=cfg.max_sequence_length,
-                output_dir=self.output_dir, device=device, dtype=self.weight_dtype,
-            )
-        release_covered_encoders(self.features, keep_vae=self.validator is not None)
-        self.lora_config = add_trainable_lora(denoiser, self.family, rank=cfg.rank, alpha=cfg.lora_alpha,
-                                              dropout=cfg.lora_dropout, lora_layers=cfg.lora_layers, seed=seed,
-                                              gradient_checkpointing=cfg.gradient_checkpointing)
-
+                               rank=acc.process_index, pin_memory=acc.device.type == "cuda", targets=self.targets)
         self.batches_per_epoch = self.data.sampler.batches_per_replica()
         self.updates_per_epoch = math.ceil(self.batches_per_epoch / cfg.gradient_accumulation_steps)
         self.max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * self.updates_per_epoch
         self.num_epochs = math.ceil(self.max_train_steps / self.updates_per_epoch)
+        if cfg.resume_from_checkpoint and self.finished_earlier():
+            return False
+        self._prepare_folder()
+        return True
+
+    def finished_earlier(self) -> bool:
+        """The folder holds this run (same fingerprint) trained to its last step, its LoRA written."""
+        try:
+            summary = json.loads((self.output_dir / "run_summary.json").read_bytes())
+        except (OSError, ValueError, RecursionError):
+            return False
+        return (isinstance(summary, dict) and summary.get("run_fingerprint") == self.identity.fingerprint
+                and summary.get("global_step") == self.max_train_steps
+                and (self.output_dir / LORA_WEIGHTS_NAME).is_file())
+
+    def build_features(self, components: dict) -> None:
+        """The run's objective, caches and validator over the launch's base (while its encoders are loaded)."""
+        cfg, acc = self.config, self.accelerator
+        self.components = components
+        self.objective = self.family.training_objective(components, self.loss_settings)
+        self.latent_norm = self.family.latent_norm(components["vae"].config)
+        denoiser = components[self.family.denoiser_name]
+        error = None
+        with acc.main_process_first():  # the main process builds (or finds) each cache; the others read it
+            try:  # caught here: raising inside would skip the main process's side of the barrier
+                self.features = build_training_features(
+                    self.family, components, self.data.dataset, self.records, cache_latents=cfg.cache_latents,
+                    cache_text=cfg.cache_text_embeddings, cache_dir=Path(cfg.feature_cache_dir or self.output_dir / "cache"),
+                    model_id=self.identity.settings["model"], dtype=self.weight_dtype, seed=self.seed, device=acc.device,
+                    max_sequence_length=cfg.max_sequence_length, show_progress=acc.is_local_main_process)
+            except INPUT_ERRORS as err:
+                error = err
+        self.validator = None
+        if error is None and cfg.validation_prompts and acc.is_main_process:
+            try:  # assembled now, while the text encoders are still loaded; it keeps the VAE for decoding
+                self.validator = ValidationRunner(
+                    self.family, components, denoiser, cfg.validation_prompts, num_images=cfg.num_validation_images,
+                    seed=self.seed, resolution=self.validation_sizes, num_inference_steps=cfg.validation_inference_steps,
+                    guidance_scale=cfg.validation_guidance_scale, max_sequence_length=cfg.max_sequence_length,
+                    output_dir=self.output_dir, device=acc.device, dtype=self.weight_dtype,
+                )
+            except INPUT_ERRORS as err:
+                error = err
+        agree(acc, error)
+
+    def start(self) -> None:
+        """The LoRA on the shared denoiser, the optimizer and schedule, and the resumed state. Every random stream
+        restarts from the run's seed here, so a run trains the same whether or not others ran before it."""
+        error = None
+        try:
+            self._start()
+        except INPUT_ERRORS as err:  # a checkpoint that does not fit, --lora_layers matching nothing
+            error = err
+        agree(self.accelerator, error)
+
+    def _start(self) -> None:
+        cfg, acc = self.config, self.accelerator
+        set_seed(self.seed)
+        denoiser = self.components[self.family.denoiser_name]
+        self.lora_config = add_trainable_lora(denoiser, self.family, rank=cfg.rank, alpha=cfg.lora_alpha,
+                                              dropout=cfg.lora_dropout, lora_layers=cfg.lora_layers, seed=self.seed,
+                                              gradient_checkpointing=cfg.gradient_checkpointing)
+        if acc.scaler is not None:  # fp16: each run starts from a fresh loss scale, as a launch of its own does
+            acc.scaler = type(acc.scaler)(acc.device.type)
         lr = cfg.learning_rate
         if cfg.scale_lr:
             lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * acc.num_processes
         self.denoiser, self.optimizer = acc.prepare(denoiser, build_optimizer(trainable_params(denoiser), cfg, lr))
         # Taken after prepare: a sharding wrapper (FSDP) replaces the parameters it shards.
         self.params = trainable_params(self.denoiser)
+        if cfg.use_ema:
+            named = [(n, p) for n, p in acc.unwrap_model(self.denoiser).named_parameters() if p.requires_grad]
+            self.ema = LoraEMA(named, cfg.ema_decay)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg, self.max_train_steps)
         # The training stream (latent draws, noise, timesteps), checkpointed with the run; other noise on every process.
-        self.generator = torch.Generator(device=device).manual_seed(seed + acc.process_index)
+        self.generator = torch.Generator(device=acc.device).manual_seed(self.seed + acc.process_index)
         self.checkpointer = Checkpointer(acc, self.output_dir, self.identity, total_limit=cfg.checkpoints_total_limit)
         if self.resume_path is not None:
             self._resume()
         elif cfg.resume_from_checkpoint:
-            logger.warning("no complete checkpoint of this run in %s; starting a new run", self.output_dir)
+            log = logger.info if self.name else logger.warning  # a launch of several resumes whatever it can
+            log("no complete checkpoint of this run in %s; starting a new run", self.output_dir)
         if self.global_step == 0 and acc.is_main_process:
             self.outputs.metrics.reset()  # this run's own start before its first checkpoint: the log starts over
         if acc.is_main_process:
+            acc.project_configuration.logging_dir = str(self.output_dir / cfg.logging_dir)
             flat = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
             acc.init_trackers("ddiff", config=flat)
-        return self
 
     def _shared_seed(self) -> int:
         """The run's seed: the flag's; a resumed unseeded run keeps its first one; else one drawn and shared by every
@@ -233,20 +328,30 @@ class LoraTrainer:
 
     def _prepare_folder(self) -> None:
         """The main process clears an overwritten run's files, records this run's identity and the skipped images."""
-        acc, cfg = self.accelerator, self.config
+        acc, error = self.accelerator, None
         if acc.is_main_process:
-            if cfg.overwrite_output_dir:
-                removed = clear_run_outputs(self.output_dir, cfg.logging_dir)
-                if removed:
-                    logger.warning("--overwrite_output_dir: removed %s from %s", ", ".join(removed), self.output_dir)
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            write_run_file(self.output_dir, self.identity)
-            if self.skipped:
-                report = self.outputs.write_skipped(self.skipped)
-                logger.warning("skipped %d unusable images; see %s", len(self.skipped), report)
-            if self.targets:
-                self._report_buckets()
-        acc.wait_for_everyone()
+            try:
+                self._write_start_files()
+            except OSError as err:
+                error = err
+        agree(acc, error)
+
+    def _write_start_files(self) -> None:
+        cfg = self.config
+        if cfg.overwrite_output_dir:
+            removed = clear_run_outputs(self.output_dir, cfg.logging_dir)
+            if removed:
+                logger.warning("--overwrite_output_dir: removed %s from %s", ", ".join(removed), self.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        write_run_file(self.output_dir, self.identity)
+        if self.skipped:
+            report = self.outputs.write_skipped(self.skipped)
+            logger.warning("skipped %d unusable images; see %s", len(self.skipped), report)
+        if self.targets:
+            self._report_buckets()
+        if self.holdout:
+            write_holdout(self.output_dir / HOLDOUT_FILE, self.holdout)
+            logger.info("%d images held out of training: %s", len(self.holdout), self.output_dir / HOLDOUT_FILE)
 
     def _report_buckets(self) -> None:
         report = bucket_report([r.size for r in self.records], [r.name for r in self.records], self.targets)
@@ -260,7 +365,8 @@ class LoraTrainer:
     def _resume(self) -> None:
         path = self.resume_path
         self.global_step = self.checkpointer.load(path, self.resume_manifest, model=self.denoiser, optimizer=self.optimizer,
-                                                  lr_scheduler=self.lr_scheduler, training_generator=self.generator)
+                                                  lr_scheduler=self.lr_scheduler, training_generator=self.generator,
+                                                  ema=self.ema)
         if self.accelerator.is_main_process:
             self.outputs.metrics.truncate_after(self.global_step)
         logger.info("resumed from %s at step %d", path, self.global_step)
@@ -268,6 +374,8 @@ class LoraTrainer:
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> None:
         acc, ga = self.accelerator, self.config.gradient_accumulation_steps
+        if self.global_step >= self.max_train_steps:  # resumed from its last step: nothing left to train
+            return
         progress = tqdm(total=self.max_train_steps, initial=self.global_step, desc="training",
                         disable=not acc.is_local_main_process)
         start_epoch = self.global_step // self.updates_per_epoch
@@ -315,6 +423,8 @@ class LoraTrainer:
                     self.optimizer.step()
                     self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
+                    if self.ema is not None:
+                        self.ema.update()
                     self.global_step += 1
                     profiler.step()
                     seconds = time.perf_counter() - step_start
@@ -339,7 +449,7 @@ class LoraTrainer:
         if stop or self.global_step % cfg.checkpointing_steps == 0:
             self.checkpointer.save(self.global_step, model=self.denoiser, optimizer=self.optimizer,
                                    lr_scheduler=self.lr_scheduler, training_generator=self.generator, seed=self.seed,
-                                   lora_params=self.params)
+                                   lora_params=self.params, ema=self.ema)
         if cfg.validation_steps and self.global_step % cfg.validation_steps == 0:
             self.validate()
         if stop:
@@ -356,8 +466,12 @@ class LoraTrainer:
     def validate(self) -> None:
         """Validation images on the main process; the others wait."""
         if self.validator is not None:
-            self.validator.run(self.global_step, self.accelerator.trackers)
+            with self._validation_weights():
+                self.validator.run(self.global_step, self.accelerator.trackers)
         self.accelerator.wait_for_everyone()
+
+    def _validation_weights(self):
+        return self.ema.swapped_in() if self.config.validation_use_ema else nullcontext()
 
     def _log_step(self, loss: float, seconds: float, samples: int) -> None:
         record = {"step": self.global_step, "loss": loss, "lr": self.lr_scheduler.get_last_lr()[0],
@@ -378,22 +492,43 @@ class LoraTrainer:
         cfg = self.config
         if len(set(digests)) > 1:
             logger.error("LoRA weights differ between processes: %s", digests)
-        summary = {"global_step": self.global_step, "num_processes": acc.num_processes, "lora_sha256_per_process": digests,
-                   "peak_memory_mb": peak_memory_mb(acc.device)}
-        self.outputs.write_summary(summary)
-        weights = self.outputs.write_lora(self.family, denoiser, self.lora_config, kohya=cfg.lora_format == "kohya")
+        weights = self.outputs.write_lora(self.family, denoiser, self.lora_config, kohya=cfg.lora_format == "kohya",
+                                          ema=self.ema)
         if self.validator is not None:
-            self.validator.final_comparison()
+            with self._validation_weights():
+                self.validator.final_comparison()
         trigger = trigger_phrase([r.caption for r in self.records], cfg.instance_prompt)
         self.outputs.write_card(family=self.family, base_model=cfg.pretrained_model_name_or_path, trigger=trigger,
                                 config_dict=cfg.to_dict(), lora_config=self.lora_config, global_step=self.global_step)
         self.outputs.write_config(cfg.to_dict())
+        # Written last: a summary naming this run and its last step marks the run finished (a re-run skips it).
+        summary = {"global_step": self.global_step, "run_fingerprint": self.identity.fingerprint,
+                   "num_processes": acc.num_processes, "lora_sha256_per_process": digests,
+                   "peak_memory_mb": peak_memory_mb(acc.device), "holdout": len(self.holdout)}
+        self.outputs.write_summary(summary)
         return weights
 
     def cleanup(self) -> None:
-        """Flushes the trackers. The process group lives to the end of the process (see ddiff_core.process)."""
-        for tracker in self.accelerator.trackers:
+        """Flushes the trackers and takes the LoRA off the shared denoiser, leaving the base as it was loaded for
+        the launch's next run. The process group lives to the end of the process (see ddiff_core.process)."""
+        acc = self.accelerator
+        for tracker in acc.trackers:
             tracker.finish()
+        acc.trackers = []
+        if getattr(self, "denoiser", None) is not None:
+            acc.unwrap_model(self.denoiser, keep_fp32_wrapper=False)  # undoes prepare's autocast wrapper
+        denoiser = getattr(self, "components", {}).get(self.family.denoiser_name) if hasattr(self, "family") else None
+        if denoiser is not None:
+            denoiser.__dict__.pop("_is_accelerate_prepared", None)  # or the next run's prepare would skip it
+            if self.config.gradient_checkpointing and getattr(denoiser, "is_gradient_checkpointing", False):
+                denoiser.disable_gradient_checkpointing()
+            if getattr(denoiser, "peft_config", None) or getattr(denoiser, "_hf_peft_config_loaded", False):
+                denoiser.unload_lora()
+            denoiser.eval()
+        # The run's data (and its loader's workers), caches and validation pipeline go with it.
+        self.denoiser = self.optimizer = self.params = self.ema = None
+        self.data = self.features = self.validator = None
+        acc.free_memory()
 
     def summary(self) -> str:
         peak = peak_memory_mb(self.accelerator.device)

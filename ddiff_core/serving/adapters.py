@@ -73,6 +73,16 @@ def _scrub(message: str, root: Path) -> str:
     return re.sub(r"(/[^\s'\"]+)+", "<path>", message)[:200]
 
 
+def lora_info(folder: Path, root: Path) -> LoraInfo:
+    """One LoRA folder (holding ``pytorch_lora_weights.safetensors``), checked, not loaded; ``root`` is scrubbed
+    from messages."""
+    try:
+        return LoraInfo(folder.name, folder, _card_trigger(folder / "README.md"), _file_stamp(folder / LORA_WEIGHTS_NAME),
+                        _problem(folder, root))
+    except OSError as err:  # unreadable, or removed while listed: shown as unavailable, the rest is served
+        return LoraInfo(folder.name, folder, None, (), f"unreadable ({err.strerror})")
+
+
 def scan_lora_dir(lora_dir: Path) -> list[LoraInfo]:
     """Sub-folders holding ``pytorch_lora_weights.safetensors``, sorted by name; each checked, none loaded."""
     lora_dir = Path(lora_dir)
@@ -80,15 +90,23 @@ def scan_lora_dir(lora_dir: Path) -> list[LoraInfo]:
         return []
     found = []
     for folder in sorted(lora_dir.iterdir()):
-        weights = folder / LORA_WEIGHTS_NAME
         try:
-            if folder.name.startswith(".") or not folder.is_dir() or not weights.is_file():
+            if folder.name.startswith(".") or not folder.is_dir() or not (folder / LORA_WEIGHTS_NAME).is_file():
                 continue
-            found.append(LoraInfo(folder.name, folder, _card_trigger(folder / "README.md"), _file_stamp(weights),
-                                  _problem(folder, lora_dir)))
-        except OSError as err:  # unreadable, or removed while listed: shown as unavailable, the rest is served
-            found.append(LoraInfo(folder.name, folder, None, (), f"unreadable ({err.strerror})"))
+        except OSError:
+            continue
+        found.append(lora_info(folder, lora_dir))
     return found
+
+
+class StaticCatalog:
+    """A fixed list of LoRA folders (what the evaluation reads), with LoraCatalog's interface."""
+
+    def __init__(self, items: list[LoraInfo], lora_dir: Path):
+        self.items, self.lora_dir = list(items), Path(lora_dir)
+
+    def list(self) -> list[LoraInfo]:
+        return self.items
 
 
 def _file_stamp(path: Path) -> tuple:

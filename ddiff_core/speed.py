@@ -1,0 +1,109 @@
+"""Speed settings of the denoiser: regional compilation, dosed gradient checkpointing, the attention backend.
+
+Regional compilation compiles each repeated block class once (FLUX's double- and single-stream blocks, SD3's joint
+blocks, the UNets' transformer blocks) and reuses the graph across the blocks of that class, so compile time is
+seconds, not minutes. Shapes are fixed per run (per bucket with buckets), so the number of graphs stays bounded; the
+count is read from dynamo and logged. Validation runs the blocks uncompiled, so it never recompiles a training graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def repeated_blocks(denoiser, family) -> list[torch.nn.Module]:
+    """The denoiser's repeated blocks, in order (the family names their classes)."""
+    names = set(family.repeated_block_classes(denoiser))
+    return [m for m in denoiser.modules() if type(m).__name__ in names]
+
+
+def compile_blocks(denoiser, family, *, mode: str | None = None) -> int:
+    """Compiles every repeated block in place (``nn.Module.compile``: the module object stays, so peft, DDP and the
+    checkpoint keys see the same names). Returns the number of blocks compiled."""
+    blocks = repeated_blocks(denoiser, family)
+    for block in blocks:
+        block.compile(dynamic=False, mode=mode)
+    return len(blocks)
+
+
+def uncompile_blocks(denoiser, family) -> None:
+    for block in repeated_blocks(denoiser, family):
+        block._compiled_call_impl = None
+
+
+@contextlib.contextmanager
+def blocks_uncompiled(denoiser, family):
+    """The blocks run eagerly inside (validation: other shapes and no grad would otherwise add graphs)."""
+    blocks = repeated_blocks(denoiser, family)
+    saved = [b._compiled_call_impl for b in blocks]
+    for b in blocks:
+        b._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for b, impl in zip(blocks, saved):
+            b._compiled_call_impl = impl
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (each recompilation adds one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _checkpointed_forward(forward, *args, **kwargs):
+    if torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+def checkpoint_blocks(denoiser, family, every: int = 1) -> int:
+    """Recomputes every ``every``-th repeated block's activations in the backward (1: all, like diffusers'
+    ``enable_gradient_checkpointing``; 2: every other block, about half the saving for about half the recompute).
+    Returns the number of blocks checkpointed."""
+    blocks = repeated_blocks(denoiser, family)
+    chosen = blocks[::every]
+    for block in chosen:
+        block.forward = functools.partial(_checkpointed_forward, block.forward)
+        block._ddiff_checkpointed = True
+    return len(chosen)
+
+
+def uncheckpoint_blocks(denoiser, family) -> None:
+    for block in repeated_blocks(denoiser, family):
+        if getattr(block, "_ddiff_checkpointed", False):
+            del block.forward  # the class's forward again
+            del block._ddiff_checkpointed
+
+
+# Backends that fail on a known stack, refused with the reason instead of a device fault mid-run.
+KNOWN_BAD = {
+    "_native_cudnn": "the cuDNN SDPA backend crashes in the backward with an illegal memory access (seen on H200, "
+                     "torch 2.11); use 'native' or 'flash'",
+}
+
+
+def attention_backends() -> list[str]:
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    return sorted(b.value for b in AttentionBackendName)
+
+
+def check_attention_backend(name: str | None, device_type: str) -> None:
+    """Raises ValueError (one line) for an unknown backend, one known to fail, or one that needs CUDA on a CPU."""
+    if name in (None, "native"):
+        return
+    known = attention_backends()
+    if name not in known:
+        raise ValueError(f"--attention_backend {name!r} is not one of diffusers' backends ({', '.join(known)})")
+    if name in KNOWN_BAD:
+        raise ValueError(f"--attention_backend {name} is refused: {KNOWN_BAD[name]}")
+    if device_type != "cuda" and name not in ("_native_math", "native"):
+        raise ValueError(f"--attention_backend {name} needs a CUDA device; this run is on {device_type}")
