@@ -102,7 +102,7 @@ def train_config(env: Env, **overrides) -> TrainConfig:
 
 # -- training-step cases -------------------------------------------------------------------------
 def _training(env: Env, *, gradient_checkpointing: bool = False, weight_dtype: torch.dtype | None = None,
-              cached: bool = True, keep_vae: bool = False, bucket=None):
+              cached: bool = True, keep_vae: bool = False, bucket=None, compile: bool = False):
     """A training step built as the trainer builds it (base, objective, data, caches, LoRA, optimizer)."""
     weight_dtype = weight_dtype or env.torch_dtype
     cfg = train_config(env, gradient_checkpointing=gradient_checkpointing, cache_latents=cached,
@@ -119,7 +119,8 @@ def _training(env: Env, *, gradient_checkpointing: bool = False, weight_dtype: t
     release_covered_encoders(features, keep_vae=keep_vae)  # as the trainer does once the caches cover them
     denoiser = comps[family.denoiser_name]
     add_trainable_lora(denoiser, family, rank=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                       lora_layers=cfg.lora_layers, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)
+                       lora_layers=cfg.lora_layers, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing,
+                       compile=compile)
     denoiser.train()
     optimizer = build_optimizer(trainable_params(denoiser), cfg)
 
@@ -173,6 +174,11 @@ def feature_caches(env: Env, variant: str):
 def gradient_checkpointing(env: Env, variant: str):
     """Activation memory traded for recomputation: off vs on."""
     return _ddiff_step(_training(env, gradient_checkpointing=variant == "after"))
+
+
+def regional_compile(env: Env, variant: str):
+    """The denoiser eager vs regionally compiled (--compile), whole cached training step (compiled before timing)."""
+    return _ddiff_step(_training(env, compile=variant == "after"))
 
 
 def mixed_precision(env: Env, variant: str):
@@ -337,6 +343,7 @@ CASES = {
     "feature_caches": feature_caches,
     "gradient_checkpointing": gradient_checkpointing,
     "mixed_precision": mixed_precision,
+    "compile": regional_compile,
     "dataloader": dataloader,
     "ddp_no_sync": ddp_no_sync,
 }

@@ -1,17 +1,27 @@
 #!/usr/bin/env bash
-# The one prepared GPU run (device machine): full FLUX shape, then the small-model fixes on CUDA.
+# The prepared GPU run for one H100/H200 window (under 6 minutes after the machine's start):
+#   1. the trainer's step at FLUX.1-dev's transformer shape: eager vs --compile, checkpointing off / every / every 2nd
+#      block, 1024 and 512 px (benchmarks/test_full_model.py), with MFU;
+#   2. a 100-step run of scripts/train_lora.py --compile on the small random model: its graph count (run_summary.json).
 #   bash benchmarks/gpu_run.sh OUT_DIR
-# Carries diffusers as a wheel in .whl/ when the machine lacks it. Results: OUT_DIR/full.json, OUT_DIR/small-cuda.json.
+# Carries diffusers (and what else the machine lacks) as wheels in .whl/. Results: OUT_DIR/full.json,
+# OUT_DIR/RESULTS-gpu.md, OUT_DIR/compile-100-steps.json.
 set -uo pipefail
 out="${1:-.benchmarks}"; mkdir -p "$out"
 if ! python3 -c "import diffusers" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-timeout 300 python3 -m pytest benchmarks/test_full_model.py -p no:cacheprovider -m gpu -q -rs --device cuda --dtype bf16 \
-  --model-size full --benchmark-json "$out/full.json" --benchmark-columns=median,min,max,rounds
-timeout 200 python3 -m pytest benchmarks/test_fixes.py -p no:cacheprovider -q -x --device cuda --dtype fp32 --model-size small \
-  -k "not ddp_no_sync" --benchmark-json "$out/small-cuda.json" --benchmark-columns=median,rounds
+python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
+timeout 270 python3 -m pytest benchmarks/test_full_model.py -p no:cacheprovider -m gpu -q -rs --device cuda \
+  --dtype bf16 --model-size full --benchmark-json "$out/full.json" --benchmark-columns=median,min,max,rounds
+python3 -m benchmarks.report "$out/full.json" --output "$out/RESULTS-gpu.md" --notes /dev/null
+tmp=$(mktemp -d)
+python3 -m ddiff_core.tiny --size small --output_dir "$tmp/model" >/dev/null
+timeout 80 python3 scripts/train_lora.py --pretrained_model_name_or_path "$tmp/model" --instance_data_dir data/demo \
+  --output_dir "$tmp/run" --resolution 256 --use_aspect_ratio_buckets --train_batch_size 2 --max_train_steps 100 \
+  --cache_latents --mixed_precision bf16 --compile --seed 0 --report_to none --checkpointing_steps 1000 \
+  && cp "$tmp/run/run_summary.json" "$out/compile-100-steps.json" && cat "$out/compile-100-steps.json"
 exit 0

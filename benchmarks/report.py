@@ -21,6 +21,7 @@ CLAIMS = {
     "feature_caches": "Latent + text-embedding caches off vs on, whole training step",
     "gradient_checkpointing": "Gradient checkpointing off vs on, whole training step",
     "mixed_precision": "Frozen weights fp32 vs bf16 (LoRA fp32), whole training step",
+    "compile": "Denoiser eager vs --compile (regional torch.compile), whole cached training step",
     "dataloader": "DataLoader: 0 workers vs 2 persistent prefetching workers, one epoch of decoded images",
     "ddp_no_sync": "4-step gradient accumulation, 2-process DDP: all-reduce every micro-batch vs no_sync",
 }
@@ -168,10 +169,53 @@ def render(paths: list[Path]) -> str:
             from benchmarks.multi_run import render as render_multi_run
 
             lines += [render_multi_run(result)]
-    full = [b for b in benches if b["extra_info"]["case"].startswith("full_flux")]
+    quantized = [b for b in benches if b["extra_info"]["case"] == "quantized_base"]
+    if quantized:
+        e0 = quantized[0]["extra_info"]
+        base = next((b["stats"]["median"] for b in quantized if b["extra_info"]["quantization"] == "none"
+                     and not b["extra_info"]["eight_bit_adam"]), None)
+        lines += [f"## A quantized frozen base: FLUX.1-dev's transformer shape, {e0['resolution']} px, batch 1, "
+                  "gradient checkpointing on", "",
+                  f"{e0.get('device_name')}; torch {e0['torch']}, diffusers {e0['diffusers']}. The trainer's step "
+                  "(rank-16 LoRA in fp32 on all blocks, cached latents and 512 text tokens). Peak: "
+                  "`torch.cuda.max_memory_allocated` over two steps, weights included; estimate: ddiff's own, printed "
+                  "before a run's first step. Goal: at most 24 GiB with int8 or fp8, at most 16 GiB with NF4 and "
+                  "8-bit Adam. Command: `bash benchmarks/gpu_memory.sh`.", "",
+                  "| frozen weights | optimizer | peak memory | estimate | s/step (median) | time vs bf16 |",
+                  "|---|---|---|---|---|---|"]
+        for b in quantized:
+            e = b["extra_info"]
+            peak = f"{e['peak_mem_mb'] / 1024:.1f} GiB" if e.get("peak_mem_mb") else "n/a"
+            ratio = f"{b['stats']['median'] / base:.2f}x" if base else "n/a"
+            lines.append(f"| {'bf16' if e['quantization'] == 'none' else e['quantization']} | "
+                         f"{'AdamW 8-bit' if e['eight_bit_adam'] else 'AdamW'} | {peak} | "
+                         f"{e['estimate_mb'] / 1024:.1f} GiB | {b['stats']['median']:.3f} | {ratio} |")
+        lines.append("")
+    trainer = [b for b in benches if b["extra_info"]["case"] == "full_flux_trainer"]
+    if trainer:
+        e0 = trainer[0]["extra_info"]
+        lines += ["## The trainer's step at FLUX.1-dev's transformer shape (random bf16 weights built on the GPU)", "",
+                  f"{e0.get('device_name')}; torch {e0['torch']}, diffusers {e0['diffusers']}. Built by ddiff's builders "
+                  "and run as the trainer runs it (rank-16 LoRA on all blocks in fp32 under bf16 autocast, cached "
+                  "latents and 512 text tokens, clip, AdamW, LR schedule). MFU = model FLOPs per step / median step "
+                  "time / 989 TFLOP/s (dense bf16). Graphs: torch.compile graphs compiled for that variant. Command: "
+                  "`bash benchmarks/gpu_run.sh`.", "",
+                  "| resolution | batch | compile | gradient checkpointing | s/step (median) | peak memory | TFLOP/step "
+                  "| MFU | graphs |", "|---|---|---|---|---|---|---|---|---|"]
+        for b in trainer:
+            e = b["extra_info"]
+            interval = e["checkpointing_interval"]
+            ckpt = "off" if not interval else ("every block" if interval == 1 else f"1 block in {interval}")
+            mem = f"{e['peak_mem_mb'] / 1024:.1f} GiB" if e.get("peak_mem_mb") else "n/a"
+            lines.append(f"| {e['resolution']} px | {e['batch']} | {'on' if e['compile'] else 'off'} | {ckpt} | "
+                         f"{b['stats']['median']:.3f} | {mem} | {e['step_tflop']:.1f} | "
+                         f"{e.get('mfu', float('nan')) * 100:.1f}% | {e.get('graphs', 'n/a')} |")
+        lines.append("")
+    full = [b for b in benches if b["extra_info"]["case"].startswith("full_flux_")
+            and b["extra_info"]["case"] != "full_flux_trainer"]
     if full:
         e0 = full[0]["extra_info"]
-        lines += ["## Full FLUX.1-dev transformer shape (11.9B parameters, random bf16 weights built on the GPU)", "",
+        lines += ["## Full FLUX.1-dev transformer shape, an earlier hand-made step (11.9B parameters, random bf16 weights)", "",
                   f"{e0.get('device_name')}; torch {e0['torch']}, diffusers {e0['diffusers']}. One LoRA step (rank 16, "
                   "all blocks), batch 1, cached latents and text embeddings (512 text tokens). MFU = model FLOPs per "
                   "step (2x linear forward + 3x attention forward) / median step time / 989 TFLOP/s (dense bf16).", "",

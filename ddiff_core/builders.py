@@ -12,28 +12,52 @@ from ddiff_core.buckets import Bucket
 from ddiff_core.config import ConfigError, TrainConfig
 from ddiff_core.data import EpochBatchSampler, ImageCaptionDataset, Record, collate
 from ddiff_core.lora import add_lora
+from ddiff_core.speed import checkpoint_blocks, compile_blocks, uncheckpoint_blocks, uncompile_blocks
 
 
 def load_base(family, path: str, *, dtype: torch.dtype, device, revision: str | None = None,
-              variant: str | None = None) -> dict:
-    """The family's components (frozen, eval mode) in ``dtype`` on ``device``."""
-    components = family.load_components(path, revision=revision, variant=variant, dtype=dtype)
-    for module in components.values():
-        if isinstance(module, torch.nn.Module):
-            module.to(device)
+              variant: str | None = None, quantization: str = "none", bnb_config_path: str | None = None) -> dict:
+    """The family's components (frozen, eval mode) in ``dtype`` on ``device``; the denoiser's weights quantized
+    (``int8``, ``fp8``, ``nf4``; see ddiff_core.quantization) when asked."""
+    from ddiff_core.quantization import pipeline_quantization
+
+    config = pipeline_quantization(quantization, family.denoiser_name, dtype, bnb_config_path)
+    components = family.load_components(path, revision=revision, variant=variant, dtype=dtype,
+                                        quantization_config=config)
+    for name, module in components.items():
+        if isinstance(module, torch.nn.Module) and not (name == family.denoiser_name and quantization == "nf4"):
+            module.to(device)  # bitsandbytes places its 4-bit weights on the GPU itself and refuses a move
     return components
 
 
 def add_trainable_lora(denoiser, family, *, rank: int, alpha: int, dropout: float, lora_layers: str | None, seed: int,
-                       gradient_checkpointing: bool = False) -> LoraConfig:
-    """Adds the LoRA (its initial weights depend on ``seed`` alone), in fp32 whatever the frozen weights' dtype."""
+                       gradient_checkpointing: bool = False, checkpointing_interval: int = 1,
+                       compile: bool = False) -> LoraConfig:
+    """Adds the LoRA (its initial weights depend on ``seed`` alone), in fp32 whatever the frozen weights' dtype; then
+    gradient checkpointing (every block, or every ``checkpointing_interval``-th repeated block) and regional
+    compilation, in that order, so each compiled block holds its LoRA."""
     torch.manual_seed(seed)
     config = add_lora(denoiser, family, rank=rank, alpha=alpha, dropout=dropout, lora_layers=lora_layers)
-    if gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
     for param in trainable_params(denoiser):
         param.data = param.data.float()
+    if gradient_checkpointing and checkpointing_interval == 1:
+        denoiser.enable_gradient_checkpointing()
+    elif gradient_checkpointing:
+        checkpoint_blocks(denoiser, family, every=checkpointing_interval)
+    if compile:
+        compile_blocks(denoiser, family)
     return config
+
+
+def remove_trainable_lora(denoiser, family) -> None:
+    """Undoes :func:`add_trainable_lora`: the denoiser as it was loaded (frozen, eval mode, uncompiled)."""
+    uncompile_blocks(denoiser, family)
+    uncheckpoint_blocks(denoiser, family)
+    if getattr(denoiser, "is_gradient_checkpointing", False):
+        denoiser.disable_gradient_checkpointing()
+    if getattr(denoiser, "peft_config", None) or getattr(denoiser, "_hf_peft_config_loaded", False):
+        denoiser.unload_lora()
+    denoiser.eval()
 
 
 def trainable_params(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -73,13 +97,21 @@ def build_data(records: list[Record], config: TrainConfig, *, seed: int, hf_data
 
 
 def build_optimizer(params, config: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
-    """AdamW or Prodigy over ``params``, at ``lr`` (default ``--learning_rate``).
+    """AdamW (8-bit states with ``--use_8bit_adam``) or Prodigy over ``params``, at ``lr`` (default
+    ``--learning_rate``).
 
     Raises:
-        ConfigError: Prodigy without its package.
+        ConfigError: Prodigy or 8-bit Adam without its package.
     """
     lr = config.learning_rate if lr is None else lr
     betas = (config.adam_beta1, config.adam_beta2)
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes
+        except ImportError as err:
+            raise ConfigError("--use_8bit_adam needs bitsandbytes: pip install 'ddiff[quant]'") from err
+        return bitsandbytes.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=config.adam_weight_decay,
+                                            eps=config.adam_epsilon)
     if config.optimizer == "prodigy":
         try:
             import prodigyopt
@@ -88,8 +120,11 @@ def build_optimizer(params, config: TrainConfig, lr: float | None = None) -> tor
         optimizer = prodigyopt.Prodigy(params, lr=lr, betas=betas, weight_decay=config.adam_weight_decay,
                                        eps=config.adam_epsilon)
     else:
+        params = list(params)
+        # Fused on CUDA: one kernel for all parameters instead of a loop of small ones (same maths, same state).
+        fused = bool(params) and all(p.device.type == "cuda" for p in params)
         optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=config.adam_weight_decay,
-                                      eps=config.adam_epsilon)
+                                      eps=config.adam_epsilon, fused=fused or None)
     return optimizer
 
 

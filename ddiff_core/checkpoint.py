@@ -44,19 +44,25 @@ class CheckpointError(RuntimeError):
 
 
 # -- state as tensors + JSON ---------------------------------------------------------------------
-def _split(obj, tensors: dict, where: str):
-    """A nested state (dicts, lists, tuples, tensors, numbers, strings) -> JSON skeleton; tensors collected aside."""
+def _split(obj, tensors: dict, where: str, seen: dict | None = None):
+    """A nested state (dicts, lists, tuples, tensors, numbers, strings) -> JSON skeleton; tensors collected aside.
+    A tensor met twice (8-bit Adam shares one code book between parameters) is stored once and referenced twice;
+    every stored tensor is a copy, so none shares memory with another (safetensors refuses that)."""
+    seen = {} if seen is None else seen
     if isinstance(obj, torch.Tensor):
-        key = str(len(tensors))
+        if id(obj) in seen:
+            return {"__tensor__": seen[id(obj)]}
+        key = seen[id(obj)] = str(len(tensors))
         local = obj.to_local() if hasattr(obj, "to_local") else obj  # a DTensor shard (FSDP): this process's part
-        tensors[key] = local.detach().to("cpu").contiguous()
+        tensors[key] = local.detach().to("cpu", copy=True).contiguous()
         return {"__tensor__": key}
     if isinstance(obj, dict):
-        return {"__dict__": [[_split(k, tensors, where), _split(v, tensors, f"{where}.{k}")] for k, v in obj.items()]}
+        return {"__dict__": [[_split(k, tensors, where, seen), _split(v, tensors, f"{where}.{k}", seen)]
+                             for k, v in obj.items()]}
     if isinstance(obj, tuple):
-        return {"__tuple__": [_split(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]}
+        return {"__tuple__": [_split(v, tensors, f"{where}[{i}]", seen) for i, v in enumerate(obj)]}
     if isinstance(obj, list):
-        return [_split(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return [_split(v, tensors, f"{where}[{i}]", seen) for i, v in enumerate(obj)]
     if isinstance(obj, np.ndarray) and obj.dtype == np.uint32:  # NumPy's RNG key; the only array stored
         key = str(len(tensors))
         tensors[key] = torch.from_numpy(obj.astype(np.int64))
@@ -420,6 +426,9 @@ def _same_shape(loaded, fresh) -> bool:
     return type(loaded) is type(fresh)
 
 
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "state1", "state2")
+
+
 def _optimizer_state_problem(state, optimizer) -> str | None:
     """Why a loaded optimizer state does not fit ``optimizer`` (param groups, parameter indices, tensor shapes)."""
     fresh = optimizer.state_dict()
@@ -435,6 +444,11 @@ def _optimizer_state_problem(state, optimizer) -> str | None:
             return f"state for parameter {str(index)[:20]}"
         shape = (params[index].to_local() if hasattr(params[index], "to_local") else params[index]).shape
         for name, value in entry.items():
+            # Moments have the parameter's shape; 8-bit Adam adds small 1-D tables (a 256-entry code book and one
+            # scale per block of 256): anything else does not belong to this parameter.
+            small_table = isinstance(value, torch.Tensor) and value.ndim == 1 and name not in _MOMENTS
+            if small_table and value.numel() <= 256 + shape.numel() // 256 + 1:
+                continue
             if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape != shape:
                 return f"{name} of parameter {index} has shape {tuple(value.shape)}, not {tuple(shape)}"
     return None

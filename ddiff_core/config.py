@@ -36,6 +36,12 @@ class TrainConfig:
     variant: str | None = _opt(None, "Weights variant, e.g. fp16.")
     model_family: str | None = _opt(None, "Model family; found from model_index.json when omitted.")
     cache_dir: str | None = _opt(None, "Hugging Face download cache folder.")
+    base_quantization: str = _opt("none", "Quantize the frozen denoiser's weights at load (int8 and fp8 weight-only "
+                                          "through torchao, nf4 through bitsandbytes); the LoRA stays in full precision.",
+                                  ("none", "int8", "fp8", "nf4"))
+    bnb_quantization_config_path: str | None = _opt(None, "Upstream's flag: a JSON BitsAndBytesConfig for the "
+                                                          "denoiser (implies --base_quantization nf4).")
+    do_fp8_training: bool = _opt(False, "Upstream's flag, read here as --base_quantization fp8.")
     # -- data --------------------------------------------------------------------------------
     instance_data_dir: str | None = _opt(None, "Image folder: metadata.jsonl (file_name, text) or .txt captions.")
     dataset_name: str | None = _opt(None, "datasets.load_dataset name or local folder.")
@@ -53,6 +59,9 @@ class TrainConfig:
     dataloader_num_workers: int = _opt(0, "DataLoader worker processes.")
     max_sequence_length: int = _opt(512, "Max T5 sequence length.")
     cache_latents: bool = _opt(False, "Encode every image once with the VAE and cache the latents.")
+    offload_vae: bool | None = _opt(None, "Keep the VAE on the CPU except while it encodes or decodes (default: on "
+                                          "when the latents are cached).")
+    offload: bool = _opt(False, "Upstream's flag: the VAE and any text encoder still loaded wait on the CPU when idle.")
     cache_text_embeddings: bool = _opt(True, "Encode every caption once and cache it (text encoders are frozen).")
     feature_cache_dir: str | None = _opt(None, "Where latent/text caches live (default OUTPUT_DIR/cache).")
     max_image_pixels: int = _opt(40_000_000, "Skip images with more pixels than this (decoding cost; default 40 MP).")
@@ -71,6 +80,12 @@ class TrainConfig:
     max_train_steps: int | None = _opt(None, "Total optimizer steps; overrides --num_train_epochs.")
     gradient_accumulation_steps: int = _opt(1, "Micro-batches per optimizer step.")
     gradient_checkpointing: bool = _opt(False, "Recompute activations in backward to save memory.")
+    gradient_checkpointing_interval: int = _opt(1, "With --gradient_checkpointing: recompute every N-th repeated "
+                                                   "block only (2: about half the memory saved, half the recompute).")
+    compile: bool = _opt(False, "Regional torch.compile: each repeated block class compiled once, reused by every "
+                                "block of it (validation runs uncompiled).")
+    attention_backend: str | None = _opt(None, "diffusers attention backend (default: native SDPA, which picks "
+                                               "flash attention on CUDA), e.g. flash, _native_math, xformers.")
     learning_rate: float = _opt(1e-4, "Initial learning rate.")
     scale_lr: bool = _opt(False, "Scale the LR by batch size, accumulation steps and processes.")
     lr_scheduler: str = _opt(
@@ -82,6 +97,7 @@ class TrainConfig:
     lr_num_cycles: int = _opt(1, "Hard restarts for cosine_with_restarts.")
     lr_power: float = _opt(1.0, "Power factor of the polynomial schedule.")
     optimizer: str = _opt("AdamW", "Optimizer.", ("AdamW", "prodigy"), casefold=True)
+    use_8bit_adam: bool = _opt(False, "AdamW with 8-bit states (bitsandbytes).")
     adam_beta1: float = _opt(0.9, "Adam beta1.")
     adam_beta2: float = _opt(0.999, "Adam beta2.")
     adam_weight_decay: float = _opt(1e-4, "Weight decay.")
@@ -131,7 +147,7 @@ class TrainConfig:
             raise ConfigError("one of --instance_data_dir or --dataset_name is required")
         if self.instance_data_dir and self.dataset_name:
             raise ConfigError("give only one of --instance_data_dir and --dataset_name")
-        positive = ("num_validation_images", "validation_epochs", "validation_inference_steps", "checkpointing_steps", "repeats", "train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "rank", "max_sequence_length", "max_image_pixels")
+        positive = ("gradient_checkpointing_interval", "num_validation_images", "validation_epochs", "validation_inference_steps", "checkpointing_steps", "repeats", "train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "rank", "max_sequence_length", "max_image_pixels")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
@@ -161,6 +177,17 @@ class TrainConfig:
             raise ConfigError(f"--holdout must be a whole number of images or a fraction below 1, got {self.holdout}")
         if not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"--ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.do_fp8_training:
+            if self.base_quantization not in ("none", "fp8"):
+                raise ConfigError(f"--do_fp8_training means --base_quantization fp8, not {self.base_quantization}")
+            self.base_quantization = "fp8"
+        if self.bnb_quantization_config_path:
+            if self.base_quantization not in ("none", "nf4"):
+                raise ConfigError("--bnb_quantization_config_path means --base_quantization nf4, not "
+                                  f"{self.base_quantization}")
+            self.base_quantization = "nf4"
+        if self.use_8bit_adam and self.optimizer != "AdamW":
+            raise ConfigError("--use_8bit_adam is an AdamW; it does not combine with --optimizer prodigy")
         if self.validation_use_ema and not self.use_ema:
             raise ConfigError("--validation_use_ema needs --use_ema")
 
@@ -307,7 +334,8 @@ def parse_config(argv: list[str] | None = None, description: str | None = None) 
 # Keys every run of one launch shares: the base model is loaded once, one accelerator runs them all, and each run's
 # folder is OUTPUT_DIR/<name>.
 SHARED_ONLY = ("pretrained_model_name_or_path", "revision", "variant", "model_family", "cache_dir", "mixed_precision",
-               "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to", "logging_dir", "allow_tf32")
+               "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to", "logging_dir", "allow_tf32",
+               "base_quantization", "bnb_quantization_config_path", "do_fp8_training", "offload", "offload_vae")
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 RESERVED_RUN_NAMES = {"eval", "logs", "cache", "launch.json"}  # what a launch or the evaluation writes beside the runs
 MAX_RUNS = 256

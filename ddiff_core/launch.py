@@ -17,8 +17,8 @@ from pathlib import Path
 from ddiff_core.atomic import atomic_write_text
 from ddiff_core.checkpoint import CheckpointError
 from ddiff_core.config import RunSpec
-from ddiff_core.trainer import (INPUT_ERRORS, LoraTrainer, NonFiniteLoss, TrainingInterrupted, load_shared_base,
-                                make_accelerator, release_encoders)
+from ddiff_core.trainer import (INPUT_ERRORS, LoraTrainer, NonFiniteLoss, OutOfMemory, TrainingInterrupted,
+                                load_shared_base, make_accelerator, offload_idle_vae, release_encoders)
 
 logger = logging.getLogger(__name__)
 LAUNCH_FILE = "launch.json"
@@ -114,6 +114,8 @@ class _Launch:
                     self.fail(spec, err)
             if built:
                 freed = release_encoders([self.trainers[id(s)] for s in built])
+                if offload_idle_vae([self.trainers[id(s)] for s in built]):
+                    freed.append("vae (to the CPU until validation)")
                 logger.info("caches of %d runs ready in %.1f s; freed %s", len(built), time.perf_counter() - tick,
                             ", ".join(freed) or "nothing")
             report.features_s = time.perf_counter() - tick
@@ -153,6 +155,8 @@ class _Launch:
             raise
         except (NonFiniteLoss, CheckpointError) as err:  # a checkpoint is refused only for non-finite weights
             self.fail(spec, err, code=3)
+        except OutOfMemory as err:
+            self.fail(spec, err, code=4)
         finally:
             outcome.steps, outcome.seconds = trainer.global_step, time.perf_counter() - tick
             trainer.cleanup()

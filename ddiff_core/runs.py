@@ -26,8 +26,10 @@ MATH_SETTINGS = (
     "lr_num_cycles", "lr_power", "optimizer", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
     "max_grad_norm", "mixed_precision", "seed",
     "guidance_scale", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "snr_gamma", "noise_offset",
-    "prediction_type", "use_ema", "ema_decay",
+    "prediction_type",
 )
+# Settings added later: in a run's identity only when set, so runs from before they existed keep their identity.
+LATER_SETTINGS = {"use_ema": False, "base_quantization": "none", "use_8bit_adam": False}
 # What a run writes into its folder (the feature cache is keyed by content and may be shared, so it is not here).
 RUN_OUTPUTS = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors", "metrics.jsonl",
                "run_summary.json", "training_config.yaml", "skipped_images.txt", "buckets.json",
@@ -88,8 +90,10 @@ class RunIdentity:
     def of(cls, config, family: str, model: str, data: str, buckets: list | None = None) -> "RunIdentity":
         """``buckets``: the aspect buckets in use (the resolved list, not the flags that chose it), or None."""
         values = {name: getattr(config, name) for name in MATH_SETTINGS}
-        if not config.use_ema:  # runs without an EMA keep the identity they had before the option existed
-            del values["use_ema"], values["ema_decay"]
+        values.update({name: getattr(config, name) for name, unset in LATER_SETTINGS.items()
+                       if getattr(config, name, unset) != unset})
+        if getattr(config, "use_ema", False):
+            values["ema_decay"] = config.ema_decay
         return cls({"family": family, "model": model, "data": data, "sampler": SAMPLER_VERSION,
                     "buckets": [str(b) for b in buckets] if buckets else None, **values})
 

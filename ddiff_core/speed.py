@@ -105,5 +105,8 @@ def check_attention_backend(name: str | None, device_type: str) -> None:
         raise ValueError(f"--attention_backend {name!r} is not one of diffusers' backends ({', '.join(known)})")
     if name in KNOWN_BAD:
         raise ValueError(f"--attention_backend {name} is refused: {KNOWN_BAD[name]}")
+    if name.endswith("_hub"):
+        raise ValueError(f"--attention_backend {name} is refused: it fetches kernel code from the Hugging Face Hub "
+                         "at run time; install the kernel package and name its local backend instead")
     if device_type != "cuda" and name not in ("_native_math", "native"):
         raise ValueError(f"--attention_backend {name} needs a CUDA device; this run is on {device_type}")

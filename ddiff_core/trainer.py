@@ -6,6 +6,7 @@ loss and the TrainingFeatures object for each batch's latents and text embedding
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from ddiff_core.buckets import (Bucket, BucketError, bucket_report, check_buckets, default_buckets, most_common,
                                 nearest_bucket, parse_buckets)
 from ddiff_core.builders import (add_trainable_lora, build_data, build_lr_scheduler, build_optimizer, load_base,
-                                 trainable_params)
+                                 remove_trainable_lora, trainable_params)
 from ddiff_core.caching import TrainingFeatures, build_training_features, release_covered_encoders
 from ddiff_core.checkpoint import CheckpointError, Checkpointer, latest_checkpoint
 from ddiff_core.config import ConfigError, LossSettings, TrainConfig
@@ -37,6 +38,9 @@ from ddiff_core.outputs import RunOutputs
 from ddiff_core.precision import dtype_of
 from ddiff_core.profiling import NullProfiler, peak_memory_mb
 from ddiff_core.runs import RunIdentity, check_output_dir, clear_run_outputs, data_identity, model_identity, write_run_file
+from ddiff_core.memory import estimate_peak, out_of_memory_advice
+from ddiff_core.quantization import check_quantization
+from ddiff_core.speed import blocks_uncompiled, check_attention_backend, compiled_graphs, repeated_blocks
 from ddiff_core.validation import ValidationRunner
 
 logger = logging.getLogger(__name__)
@@ -59,6 +63,31 @@ class TrainingInterrupted(RuntimeError):
 
 class NonFiniteLoss(RuntimeError):
     """A NaN or infinite loss; nothing was stepped or written with it."""
+
+
+class OutOfMemory(RuntimeError):
+    """The GPU ran out of memory; the message gives the measured peak and the flags that lower it."""
+
+
+def offload_idle_vae(trainers: list["LoraTrainer"]) -> bool:
+    """Moves the shared VAE to the CPU when no step needs it (every run's latents cached) and it was not asked to stay
+    (``--offload_vae``/``--offload`` on by default then); validation brings it back while it decodes."""
+    first = trainers[0]
+    vae = first.components.get("vae")
+    wanted = first.config.offload or first.config.offload_vae
+    cached = all(t.features.latent_cache is not None for t in trainers)
+    if wanted is None:
+        wanted = cached
+    if wanted and not cached:
+        logger.warning("--offload_vae: a run encodes its images every step (no --cache_latents); the VAE stays")
+        wanted = False
+    if vae is None or not wanted or first.accelerator.device.type == "cpu":
+        return False
+    vae.to("cpu")
+    torch.cuda.empty_cache()
+    for trainer in trainers:
+        trainer.vae_offloaded = True
+    return True
 
 
 def agree(accelerator, error: BaseException | None) -> None:
@@ -116,14 +145,15 @@ def make_accelerator(config: TrainConfig, project_dir: Path) -> Accelerator:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if acc.is_main_process else logging.WARNING)
     if config.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return acc
 
 
 def load_shared_base(family, config: TrainConfig, accelerator) -> dict:
     """The frozen base in the launch's weight dtype, on its device: loaded once for every run of a launch."""
     return load_base(family, config.pretrained_model_name_or_path, dtype=dtype_of(accelerator.mixed_precision),
-                     device=accelerator.device, revision=config.revision, variant=config.variant)
+                     device=accelerator.device, revision=config.revision, variant=config.variant,
+                     quantization=config.base_quantization, bnb_config_path=config.bnb_quantization_config_path)
 
 
 def release_encoders(trainers: list["LoraTrainer"]) -> list[str]:
@@ -146,6 +176,7 @@ class LoraTrainer:
         self.outputs = RunOutputs(self.output_dir)
         self.global_step = 0
         self.ema = None
+        self.vae_offloaded = False
 
     # -- setup -------------------------------------------------------------------------------
     def check_inputs(self) -> None:
@@ -156,8 +187,11 @@ class LoraTrainer:
         self.family.check_resolution(cfg.resolution)
         self.loss_settings = LossSettings.from_config(cfg)
         self.family.check_settings(self.loss_settings, cfg.lora_format)
-        if cfg.optimizer == "prodigy":
-            build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)  # fails fast when prodigyopt is missing
+        device_type = "cuda" if torch.cuda.is_available() and not os.environ.get("ACCELERATE_USE_CPU") else "cpu"
+        check_attention_backend(cfg.attention_backend, device_type)
+        check_quantization(cfg.base_quantization, device_type, cfg.bnb_quantization_config_path)
+        if cfg.optimizer == "prodigy" or cfg.use_8bit_adam:
+            build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)  # fails fast when the package is missing
         records, self.hf_dataset = load_records(cfg)
         self.records, self.skipped = screen_records(records, self.hf_dataset, cfg.image_column,
                                                     max_pixels=cfg.max_image_pixels)
@@ -209,6 +243,7 @@ class LoraTrainer:
         self.attach(accelerator or make_accelerator(self.config, self.output_dir))
         self.build_features(load_shared_base(self.family, self.config, self.accelerator))
         release_encoders([self])
+        offload_idle_vae([self])
         self.start()
         return self
 
@@ -285,9 +320,14 @@ class LoraTrainer:
         cfg, acc = self.config, self.accelerator
         set_seed(self.seed)
         denoiser = self.components[self.family.denoiser_name]
+        if cfg.attention_backend:
+            denoiser.set_attention_backend(cfg.attention_backend)
         self.lora_config = add_trainable_lora(denoiser, self.family, rank=cfg.rank, alpha=cfg.lora_alpha,
                                               dropout=cfg.lora_dropout, lora_layers=cfg.lora_layers, seed=self.seed,
-                                              gradient_checkpointing=cfg.gradient_checkpointing)
+                                              gradient_checkpointing=cfg.gradient_checkpointing,
+                                              checkpointing_interval=cfg.gradient_checkpointing_interval,
+                                              compile=cfg.compile)
+        self.graphs_at_start = compiled_graphs()
         if acc.scaler is not None:  # fp16: each run starts from a fresh loss scale, as a launch of its own does
             acc.scaler = type(acc.scaler)(acc.device.type)
         lr = cfg.learning_rate
@@ -310,10 +350,29 @@ class LoraTrainer:
             log("no complete checkpoint of this run in %s; starting a new run", self.output_dir)
         if self.global_step == 0 and acc.is_main_process:
             self.outputs.metrics.reset()  # this run's own start before its first checkpoint: the log starts over
+        self._log_peak_estimate()
         if acc.is_main_process:
             acc.project_configuration.logging_dir = str(self.output_dir / cfg.logging_dir)
             flat = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
             acc.init_trackers("ddiff", config=flat)
+
+    def _log_peak_estimate(self) -> None:
+        """The step's estimated peak, before the first step (and a warning when it exceeds the GPU)."""
+        cfg, acc = self.config, self.accelerator
+        denoiser = acc.unwrap_model(self.denoiser)
+        frames = [(b.height, b.width) for b in self.buckets] if self.buckets else [(cfg.resolution, cfg.resolution)]
+        pixels = max(h * w for h, w in frames)
+        interval = cfg.gradient_checkpointing_interval if cfg.gradient_checkpointing else 0
+        self.peak_estimate = estimate_peak(
+            self.components, denoiser, repeated_blocks(denoiser, self.family), tokens=pixels // 256 + cfg.max_sequence_length,
+            batch=cfg.train_batch_size, checkpointing_interval=interval, weight_dtype=self.weight_dtype,
+            eight_bit_adam=cfg.use_8bit_adam)
+        logger.info("estimated peak memory of a step: %s", self.peak_estimate.describe())
+        if acc.device.type == "cuda":
+            total = torch.cuda.get_device_properties(acc.device).total_memory
+            if self.peak_estimate.total > total:
+                logger.warning("the estimate exceeds this GPU's %.1f GiB; %s", total / 2**30,
+                               out_of_memory_advice(self.peak_estimate.total, total, cfg).split("; ", 1)[1])
 
     def _shared_seed(self) -> int:
         """The run's seed: the flag's; a resumed unseeded run keeps its first one; else one drawn and shared by every
@@ -385,10 +444,17 @@ class LoraTrainer:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             self._loop(progress, start_epoch, resume_batches)
+        except torch.cuda.OutOfMemoryError as err:
+            device = acc.device
+            raise OutOfMemory(out_of_memory_advice(torch.cuda.max_memory_allocated(device),
+                                                   torch.cuda.get_device_properties(device).total_memory,
+                                                   self.config)) from err
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             progress.close()
+            if self.config.compile:  # bounded: one graph set per block class and frame, none per step
+                logger.info("torch.compile: %d graphs compiled in this run", compiled_graphs() - self.graphs_at_start)
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum  # acted on after the current optimizer step
@@ -470,8 +536,22 @@ class LoraTrainer:
                 self.validator.run(self.global_step, self.accelerator.trackers)
         self.accelerator.wait_for_everyone()
 
+    @contextlib.contextmanager
     def _validation_weights(self):
-        return self.ema.swapped_in() if self.config.validation_use_ema else nullcontext()
+        """Validation's weights (the EMA with --validation_use_ema), run uncompiled: its shapes and no-grad mode
+        would otherwise add graphs to the training ones."""
+        denoiser = self.accelerator.unwrap_model(self.denoiser)
+        vae = self.components.get("vae") if self.vae_offloaded else None
+        if vae is not None:
+            vae.to(self.accelerator.device)
+        try:
+            with (self.ema.swapped_in() if self.config.validation_use_ema else nullcontext()), \
+                    blocks_uncompiled(denoiser, self.family):
+                yield
+        finally:
+            if vae is not None:  # validation's memory goes back to the training level
+                vae.to("cpu")
+                torch.cuda.empty_cache()
 
     def _log_step(self, loss: float, seconds: float, samples: int) -> None:
         record = {"step": self.global_step, "loss": loss, "lr": self.lr_scheduler.get_last_lr()[0],
@@ -504,7 +584,8 @@ class LoraTrainer:
         # Written last: a summary naming this run and its last step marks the run finished (a re-run skips it).
         summary = {"global_step": self.global_step, "run_fingerprint": self.identity.fingerprint,
                    "num_processes": acc.num_processes, "lora_sha256_per_process": digests,
-                   "peak_memory_mb": peak_memory_mb(acc.device), "holdout": len(self.holdout)}
+                   "peak_memory_mb": peak_memory_mb(acc.device), "holdout": len(self.holdout),
+                   "compiled_graphs": compiled_graphs() - self.graphs_at_start if cfg.compile else None}
         self.outputs.write_summary(summary)
         return weights
 
@@ -520,11 +601,9 @@ class LoraTrainer:
         denoiser = getattr(self, "components", {}).get(self.family.denoiser_name) if hasattr(self, "family") else None
         if denoiser is not None:
             denoiser.__dict__.pop("_is_accelerate_prepared", None)  # or the next run's prepare would skip it
-            if self.config.gradient_checkpointing and getattr(denoiser, "is_gradient_checkpointing", False):
-                denoiser.disable_gradient_checkpointing()
-            if getattr(denoiser, "peft_config", None) or getattr(denoiser, "_hf_peft_config_loaded", False):
-                denoiser.unload_lora()
-            denoiser.eval()
+            remove_trainable_lora(denoiser, self.family)
+            if self.config.attention_backend:
+                denoiser.reset_attention_backend()
         # The run's data (and its loader's workers), caches and validation pipeline go with it.
         self.denoiser = self.optimizer = self.params = self.ema = None
         self.data = self.features = self.validator = None

@@ -6,7 +6,8 @@
 
 Flags follow diffusers' examples/dreambooth/train_dreambooth_lora_flux.py; --config FILE.yaml holds the same keys,
 and a `runs:` list in it trains one LoRA per entry (each into OUTPUT_DIR/<name>) over one loaded base model.
-Exit codes: 0 done, 2 bad input (of any run), 3 non-finite loss, 128+N stopped by signal N (a checkpoint was written).
+Exit codes: 0 done, 2 bad input (of any run), 3 non-finite loss, 4 out of GPU memory (the message says what lowers it),
+128+N stopped by signal N (a checkpoint was written).
 """
 
 import logging

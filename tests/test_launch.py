@@ -128,17 +128,23 @@ def test_a_director_without_usable_images_is_reported_and_the_others_train(tmp_p
     (broken / "a.jpg").write_bytes(b"not a jpeg")
     (broken / "a.txt").write_text("<broken-style> a still")
     runs = [{"name": "broken", "instance_data_dir": str(broken)},
+            # fails once its LoRA is being added, after the base is shared: the next run must find the base clean
+            {"name": "nolayers", "instance_data_dir": str(directors["teal"]), "lora_layers": "no_such_module"},
             {"name": "noir", "instance_data_dir": str(directors["noir"])},
             {"name": "missing", "instance_data_dir": str(tmp_path / "nowhere")}]
     config = _launch_config(tmp_path / "directors.yaml", tiny_flux, tmp_path / "one", runs)
     result = run_script("train_lora.py", ["--config", str(config)], check=False)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 2 and "run broken: no usable images" in errors[0] and "run missing:" in errors[1]
+    assert len(errors) == 3 and "run broken: no usable images" in errors[0], errors
+    assert "run nolayers: --lora_layers 'no_such_module' matches no layer" in errors[1] and "run missing:" in errors[2]
     assert (tmp_path / "one" / "noir" / "pytorch_lora_weights.safetensors").is_file()
     assert not (tmp_path / "one" / "broken" / "pytorch_lora_weights.safetensors").exists()
     assert [r["status"] for r in json.loads((tmp_path / "one" / "launch.json").read_text())["runs"]] == [
-        "failed", "trained", "failed"]
+        "failed", "failed", "trained", "failed"]
+    # noir trained on a clean base: the same LoRA as its own launch
+    run_script("train_lora.py", _alone(tiny_flux, directors["noir"], tmp_path / "alone"))
+    assert _same_lora(tmp_path / "one" / "noir", tmp_path / "alone")
 
 
 def test_two_directors_under_ddp_equal_their_own_ddp_launch(tmp_path, tiny_flux, directors):

@@ -60,10 +60,13 @@ class ModelFamily(ABC):
         return getattr(importlib.import_module(module), attr)
 
     def load_components(
-        self, path: str, *, revision: str | None = None, variant: str | None = None, dtype: torch.dtype = torch.float32
+        self, path: str, *, revision: str | None = None, variant: str | None = None, dtype: torch.dtype = torch.float32,
+        quantization_config=None,
     ) -> dict[str, Any]:
-        """Loads every component of the pipeline at ``path`` (frozen, eval mode)."""
-        pipe = self.pipeline_class.from_pretrained(path, revision=revision, variant=variant, dtype=dtype)
+        """Loads every component of the pipeline at ``path`` (frozen, eval mode); ``quantization_config``: diffusers'
+        PipelineQuantizationConfig (ddiff_core.quantization), or None."""
+        extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
+        pipe = self.pipeline_class.from_pretrained(path, revision=revision, variant=variant, dtype=dtype, **extra)
         components = dict(pipe.components)
         for module in components.values():
             if isinstance(module, torch.nn.Module):
@@ -76,6 +79,11 @@ class ModelFamily(ABC):
     def load_pipeline(self, path: str, **kwargs):
         """The stock pipeline for inference (serving)."""
         return self.pipeline_class.from_pretrained(path, **kwargs)
+
+    def repeated_block_classes(self, denoiser) -> tuple[str, ...]:
+        """Class names of the denoiser's repeated blocks: what regional compilation compiles once per class and
+        ``--gradient_checkpointing_interval`` counts (diffusers' ``_repeated_blocks`` where the model declares it)."""
+        return tuple(getattr(denoiser, "_repeated_blocks", None) or ())
 
     def assemble_pipeline(self, components: dict[str, Any]):
         """A pipeline over components already in memory (no load, no copy)."""

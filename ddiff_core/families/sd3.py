@@ -12,6 +12,9 @@ class SD3Family(FlowMatchingFamily):
     pipeline_class_names = ("StableDiffusion3Pipeline",)
     pipeline_class_path = "diffusers:StableDiffusion3Pipeline"
     denoiser_name = "transformer"
+
+    def repeated_block_classes(self, denoiser) -> tuple[str, ...]:
+        return ("JointTransformerBlock",)  # diffusers 0.42 declares none for SD3
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     lora_presets = {
         "attention": ATTENTION_TARGETS,  # upstream's SD3 default
