@@ -14,7 +14,7 @@ fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
-timeout 240 python3 -m pytest benchmarks/test_memory.py -p no:cacheprovider -m "not slow" -q -rs --device cuda \
+timeout -s INT -k 20 220 python3 -m pytest benchmarks/test_memory.py -p no:cacheprovider -m "not slow" -q -rs --device cuda \
   --dtype bf16 --model-size full --benchmark-json "$out/memory.json" --benchmark-columns=median,rounds
 python3 -m benchmarks.report "$out/memory.json" --output "$out/RESULTS-memory.md" --notes /dev/null
 exit 0

@@ -376,7 +376,7 @@ class Checkpointer:
         problem = _optimizer_state_problem(state, optimizer)
         if problem:
             raise CheckpointError(f"{optimizer_file} does not fit this run's optimizer ({problem})")
-        optimizer.load_state_dict(_as_shards(state, optimizer) if sharded else state)
+        load_optimizer_state(optimizer, _as_shards(state, optimizer) if sharded else state)
 
         try:
             scheduler_state = json.loads((path / SCHEDULER_FILE).read_bytes())
@@ -429,13 +429,33 @@ def _same_shape(loaded, fresh) -> bool:
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "state1", "state2")
 
 
+# How an optimizer runs, not what it learnt: a run resumed on another device (or after a change of kernel) takes its
+# own values, not the checkpoint's.
+_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def _without_implementation(groups: list) -> list:
+    return [{k: v for k, v in g.items() if k not in _IMPLEMENTATION_KEYS} if isinstance(g, dict) else g
+            for g in groups]
+
+
+def _state_tensors(entry: dict, prefix: str = ""):
+    """(name, tensor) of one parameter's state, nested dicts (8-bit Adam's quantization state) included."""
+    for name, value in entry.items():
+        if isinstance(value, dict):
+            yield from _state_tensors(value, f"{prefix}{name}.")
+        elif isinstance(value, torch.Tensor):
+            yield f"{prefix}{name}", value
+
+
 def _optimizer_state_problem(state, optimizer) -> str | None:
     """Why a loaded optimizer state does not fit ``optimizer`` (param groups, parameter indices, tensor shapes)."""
     fresh = optimizer.state_dict()
-    if not (isinstance(state, dict) and state.keys() == fresh.keys() and isinstance(state["state"], dict)):
+    if not (isinstance(state, dict) and state.keys() == fresh.keys() and isinstance(state["state"], dict)
+            and isinstance(state["param_groups"], list)):
         return "not an optimizer state"
     groups = state["param_groups"]
-    if not _same_shape(groups, fresh["param_groups"]) or any(
+    if not _same_shape(_without_implementation(groups), _without_implementation(fresh["param_groups"])) or any(
             g["params"] != f["params"] for g, f in zip(groups, fresh["param_groups"])):
         return "its parameter groups differ"
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -443,15 +463,25 @@ def _optimizer_state_problem(state, optimizer) -> str | None:
         if not (isinstance(index, int) and 0 <= index < len(params) and isinstance(entry, dict)):
             return f"state for parameter {str(index)[:20]}"
         shape = (params[index].to_local() if hasattr(params[index], "to_local") else params[index]).shape
-        for name, value in entry.items():
+        for name, value in _state_tensors(entry):
             # Moments have the parameter's shape; 8-bit Adam adds small 1-D tables (a 256-entry code book and one
             # scale per block of 256): anything else does not belong to this parameter.
-            small_table = isinstance(value, torch.Tensor) and value.ndim == 1 and name not in _MOMENTS
+            small_table = value.ndim == 1 and name.rsplit(".", 1)[-1] not in _MOMENTS
             if small_table and value.numel() <= 256 + shape.numel() // 256 + 1:
                 continue
-            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape != shape:
+            if value.ndim > 0 and value.shape != shape:
                 return f"{name} of parameter {index} has shape {tuple(value.shape)}, not {tuple(shape)}"
     return None
+
+
+def load_optimizer_state(optimizer, state: dict) -> None:
+    """Loads a checked state, keeping this optimizer's own implementation settings (fused, foreach, ...)."""
+    own = [{k: g[k] for k in _IMPLEMENTATION_KEYS if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, settings in zip(optimizer.param_groups, own):
+        for key in _IMPLEMENTATION_KEYS:
+            group.pop(key, None)
+        group.update(settings)
 
 
 def _sharded(accelerator) -> bool:

@@ -34,8 +34,17 @@ class PeakEstimate:
                 f"{self.lora_and_optimizer / GIB:.2f}, {acts})")
 
 
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor stores: a quantized tensor subclass (torchao's Int8Tensor reports its bf16 view's dtype) is
+    counted by the tensors it holds."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
 def module_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    return sum(tensor_bytes(t) for t in [*module.parameters(), *module.buffers()])
 
 
 def estimate_peak(components: dict, denoiser, blocks: list, *, tokens: int, batch: int, checkpointing_interval: int,

@@ -85,28 +85,30 @@ def pipeline_quantization(kind: str, denoiser_name: str, dtype: torch.dtype, bnb
         from diffusers import TorchAoConfig
         from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
 
-        config = TorchAoConfig(Int8WeightOnlyConfig() if kind == "int8" else Float8WeightOnlyConfig())
+        # set_inductor_config=False: torchao would otherwise switch on TF32 and slow compile-time tuning process-wide
+        config = TorchAoConfig(Int8WeightOnlyConfig(set_inductor_config=False) if kind == "int8"
+                               else Float8WeightOnlyConfig(set_inductor_config=False))
     return PipelineQuantizationConfig(quant_mapping={denoiser_name: config})
 
 
-def quantize_in_memory(model: torch.nn.Module, kind: str, dtype: torch.dtype = torch.bfloat16,
-                       modules_to_not_convert: tuple[str, ...] = ("proj_out", "x_embedder", "norm_out")) -> None:
+def quantize_in_memory(model: torch.nn.Module, kind: str, dtype: torch.dtype = torch.bfloat16) -> None:
     """Quantizes a denoiser already in memory with the libraries diffusers' configs use (torchao's ``quantize_``,
     bitsandbytes' 4-bit linear layers): for a benchmark's random full-size model, which is never written to disk.
-    NF4 layers quantize when the model moves to the GPU."""
+    NF4 layers quantize when moved to the GPU, one at a time."""
     if kind == "none":
         return
     if kind in ("int8", "fp8"):
         from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
-        quantize_(model, Int8WeightOnlyConfig() if kind == "int8" else Float8WeightOnlyConfig())
+        quantize_(model, Int8WeightOnlyConfig(set_inductor_config=False) if kind == "int8"
+                  else Float8WeightOnlyConfig(set_inductor_config=False))
         return
     import bitsandbytes as bnb
 
     device = next(model.parameters()).device
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is not torch.nn.Linear or name in modules_to_not_convert:
+            if type(child) is not torch.nn.Linear:  # every linear layer, as diffusers' NF4 load converts them
                 continue
             layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                       compute_dtype=dtype, quant_type="nf4", device="meta")

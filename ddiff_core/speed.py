@@ -23,9 +23,19 @@ def repeated_blocks(denoiser, family) -> list[torch.nn.Module]:
     return [m for m in denoiser.modules() if type(m).__name__ in names]
 
 
+# Graphs dynamo may keep per code object. Every compiled block runs through nn.Module._call_impl, so all block classes,
+# frames (buckets) and modes share one budget; dynamo's default of 8 would send blocks back to eager, with only a
+# warning, once a run had more than a few buckets.
+RECOMPILE_LIMIT = 128
+
+
 def compile_blocks(denoiser, family, *, mode: str | None = None) -> int:
     """Compiles every repeated block in place (``nn.Module.compile``: the module object stays, so peft, DDP and the
     checkpoint keys see the same names). Returns the number of blocks compiled."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
     blocks = repeated_blocks(denoiser, family)
     for block in blocks:
         block.compile(dynamic=False, mode=mode)
@@ -56,6 +66,14 @@ def compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+def recompile_limit_hits() -> int:
+    """How often dynamo gave up compiling a frame for hitting its recompile limit (that frame then runs eagerly)."""
+    from torch._dynamo.utils import counters
+
+    return sum(n for reason, n in counters["unimplemented"].items() if "recompile_limit" in str(reason)
+               or "cache_size_limit" in str(reason))
 
 
 def _checkpointed_forward(forward, *args, **kwargs):
@@ -96,10 +114,14 @@ def attention_backends() -> list[str]:
     return sorted(b.value for b in AttentionBackendName)
 
 
-def check_attention_backend(name: str | None, device_type: str) -> None:
-    """Raises ValueError (one line) for an unknown backend, one known to fail, or one that needs CUDA on a CPU."""
+def check_attention_backend(name: str | None, device_type: str, family=None) -> None:
+    """Raises ValueError (one line) for an unknown backend, one known to fail, one whose package is missing, one that
+    needs CUDA on a CPU, or a family whose attention does not go through diffusers' dispatcher."""
     if name in (None, "native"):
         return
+    if family is not None and not family.attention_backends:
+        raise ValueError(f"--attention_backend: {family.name}'s attention does not go through diffusers' attention "
+                         "dispatcher (only FLUX's does in diffusers 0.42); leave it unset")
     known = attention_backends()
     if name not in known:
         raise ValueError(f"--attention_backend {name!r} is not one of diffusers' backends ({', '.join(known)})")
@@ -110,3 +132,17 @@ def check_attention_backend(name: str | None, device_type: str) -> None:
                          "at run time; install the kernel package and name its local backend instead")
     if device_type != "cuda" and name not in ("_native_math", "native"):
         raise ValueError(f"--attention_backend {name} needs a CUDA device; this run is on {device_type}")
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+
+    try:
+        _check_attention_backend_requirements(AttentionBackendName(name))
+    except RuntimeError as err:  # its package is missing or too old
+        raise ValueError(f"--attention_backend {name}: {str(err).splitlines()[0]}") from err
+
+
+def reset_attention_backend(denoiser) -> None:
+    """The model's and the process's attention back to diffusers' default (set_attention_backend changes both)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    denoiser.reset_attention_backend()
+    _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)

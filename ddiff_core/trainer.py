@@ -40,7 +40,8 @@ from ddiff_core.profiling import NullProfiler, peak_memory_mb
 from ddiff_core.runs import RunIdentity, check_output_dir, clear_run_outputs, data_identity, model_identity, write_run_file
 from ddiff_core.memory import estimate_peak, out_of_memory_advice
 from ddiff_core.quantization import check_quantization
-from ddiff_core.speed import blocks_uncompiled, check_attention_backend, compiled_graphs, repeated_blocks
+from ddiff_core.speed import (blocks_uncompiled, check_attention_backend, compiled_graphs, recompile_limit_hits,
+                              repeated_blocks, reset_attention_backend)
 from ddiff_core.validation import ValidationRunner
 
 logger = logging.getLogger(__name__)
@@ -188,7 +189,7 @@ class LoraTrainer:
         self.loss_settings = LossSettings.from_config(cfg)
         self.family.check_settings(self.loss_settings, cfg.lora_format)
         device_type = "cuda" if torch.cuda.is_available() and not os.environ.get("ACCELERATE_USE_CPU") else "cpu"
-        check_attention_backend(cfg.attention_backend, device_type)
+        check_attention_backend(cfg.attention_backend, device_type, self.family)
         check_quantization(cfg.base_quantization, device_type, cfg.bnb_quantization_config_path)
         if cfg.optimizer == "prodigy" or cfg.use_8bit_adam:
             build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)  # fails fast when the package is missing
@@ -455,6 +456,8 @@ class LoraTrainer:
             progress.close()
             if self.config.compile:  # bounded: one graph set per block class and frame, none per step
                 logger.info("torch.compile: %d graphs compiled in this run", compiled_graphs() - self.graphs_at_start)
+                if recompile_limit_hits():
+                    logger.warning("torch.compile hit its recompile limit: some blocks ran uncompiled")
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum  # acted on after the current optimizer step
@@ -603,7 +606,7 @@ class LoraTrainer:
             denoiser.__dict__.pop("_is_accelerate_prepared", None)  # or the next run's prepare would skip it
             remove_trainable_lora(denoiser, self.family)
             if self.config.attention_backend:
-                denoiser.reset_attention_backend()
+                reset_attention_backend(denoiser)
         # The run's data (and its loader's workers), caches and validation pipeline go with it.
         self.denoiser = self.optimizer = self.params = self.ema = None
         self.data = self.features = self.validator = None

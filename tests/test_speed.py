@@ -69,3 +69,27 @@ def test_an_explicit_cpu_attention_backend_trains(tiny_flux, tmp_path):
     run_script("train_lora.py", train_args(tiny_flux, tmp_path / "math", "--max_train_steps", "2",
                                            "--attention_backend", "_native_math"))
     assert (tmp_path / "math" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_a_checkpoint_of_an_unfused_adamw_resumes_into_a_fused_one():
+    """How the optimizer runs (fused on CUDA, not on the CPU) is not part of what it learnt."""
+    from ddiff_core.checkpoint import _optimizer_state_problem, load_optimizer_state
+
+    param = torch.nn.Parameter(torch.ones(4))
+    plain = torch.optim.AdamW([param])
+    param.grad = torch.ones(4)
+    plain.step()
+    fused = torch.optim.AdamW([torch.nn.Parameter(torch.ones(4))], fused=True)
+    assert _optimizer_state_problem(plain.state_dict(), fused) is None
+    load_optimizer_state(fused, plain.state_dict())
+    assert fused.param_groups[0]["fused"] is True
+    assert torch.equal(fused.state_dict()["state"][0]["exp_avg"], plain.state_dict()["state"][0]["exp_avg"])
+
+
+def test_attention_backends_are_refused_for_families_outside_the_dispatcher(tmp_path, capsys):
+    from ddiff_core.tiny import save_tiny_pipeline
+
+    sd3 = save_tiny_pipeline("sd3", tmp_path / "sd3")
+    code, err = run_main("train_lora.py", train_args(sd3, tmp_path / "out", "--attention_backend", "_native_math"),
+                         capsys)
+    assert code == 2 and "attention dispatcher" in err

@@ -40,6 +40,8 @@ class ModelFamily(ABC):
     pipeline_class_path: ClassVar[str]
     #: The trained network's component name ("transformer" or "unet").
     denoiser_name: ClassVar[str] = "transformer"
+    # Whether the denoiser's attention goes through diffusers' dispatcher (so --attention_backend applies).
+    attention_backends: ClassVar[bool] = False
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
     #: LoRA target presets: name -> PEFT ``target_modules`` (list of suffixes, or a full-match regex).
     lora_presets: ClassVar[dict[str, list[str] | str]]

@@ -16,6 +16,7 @@ class FluxFamily(FlowMatchingFamily):
     pipeline_class_names = ("FluxPipeline",)
     pipeline_class_path = "diffusers:FluxPipeline"
     denoiser_name = "transformer"
+    attention_backends = True
     text_encoder_names = ("text_encoder", "text_encoder_2")
     lora_presets = {
         "upstream": DOUBLE_STREAM_TARGETS,  # train_dreambooth_lora_flux.py's default: the single blocks' MLP left out
