@@ -93,7 +93,7 @@ def render(result: dict) -> str:
     return "\n".join([
         f"## Three directors: one launch vs three ({result['model']}, {result['resolution']} px, "
         f"{result['steps_per_director']} steps each)", "",
-        f"CPU {result['cpu']}; torch {result['torch']}. Each launch is a `scripts/train_lora.py` process; the LoRAs "
+        f"CPU {result['cpu'][0]} ({result['cpu'][1]}); torch {result['torch']}. Each launch is a `scripts/train_lora.py` process; the LoRAs "
         f"are {'identical (torch.equal)' if result['same_loras'] else 'NOT identical'} either way.", "",
         "| | wall time | loading the base model |", "|---|---|---|",
         f"| one launch, 3 runs | {one['wall_s']:.1f} s | {one['base_load_s']:.2f} s (once) |",
