@@ -74,5 +74,5 @@ case "${1:-}" in
     done
     "$PY" -m benchmarks.report benchmarks/results/*.json --output benchmarks/RESULTS.md
     ;;
-  *) sed -n '2,9p' "$0"; exit 2 ;;
+  *) sed -n '2,8p' "$0"; exit 2 ;;
 esac

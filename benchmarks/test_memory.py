@@ -36,6 +36,7 @@ def _build(bench_env, quantization: str):
 
     family = get_family("flux")
     if bench_env.size == "full":
+        torch.backends.cuda.enable_cudnn_sdp(False)  # as the trainer does: its backward crashed on H100/H200
         model = build_full_flux(bench_env.device)
         comps = {"transformer": model, "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)}
         shape = (TEXT_TOKENS, 4096, 768, 1024)

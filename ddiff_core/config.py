@@ -61,7 +61,8 @@ class TrainConfig:
     cache_latents: bool = _opt(False, "Encode every image once with the VAE and cache the latents.")
     offload_vae: bool | None = _opt(None, "Keep the VAE on the CPU except while it encodes or decodes (default: on "
                                           "when the latents are cached).")
-    offload: bool = _opt(False, "Upstream's flag: the VAE and any text encoder still loaded wait on the CPU when idle.")
+    offload: bool = _opt(False, "Upstream's flag, read here as --offload_vae (cached text embeddings already free the "
+                                "text encoders).")
     cache_text_embeddings: bool = _opt(True, "Encode every caption once and cache it (text encoders are frozen).")
     feature_cache_dir: str | None = _opt(None, "Where latent/text caches live (default OUTPUT_DIR/cache).")
     max_image_pixels: int = _opt(40_000_000, "Skip images with more pixels than this (decoding cost; default 40 MP).")

@@ -301,7 +301,8 @@ class Evaluation:
             references.update(f"{image.size}".encode() + image.tobytes())
         return fingerprint({"format": EVAL_FORMAT, "lora": _file_digest(run.path / LORA_WEIGHTS_NAME),
                             "references": references.hexdigest(), "prompts": self.prompts[run.name],
-                            "settings": dataclasses.asdict(self._run_settings(config)), "clip": self.clip_model,
+                            "settings": dataclasses.asdict(self._run_settings(config)),
+                            "clip": model_identity(self.clip_model),
                             "base": model_identity(self.base_model), "dtype": str(self.dtype)})
 
     def _run_settings(self, config: TrainConfig) -> EvalSettings:

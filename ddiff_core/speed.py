@@ -103,8 +103,8 @@ def uncheckpoint_blocks(denoiser, family) -> None:
 
 # Backends that fail on a known stack, refused with the reason instead of a device fault mid-run.
 KNOWN_BAD = {
-    "_native_cudnn": "the cuDNN SDPA backend crashes in the backward with an illegal memory access (seen on H200, "
-                     "torch 2.11); use 'native' or 'flash'",
+    "_native_cudnn": "the cuDNN SDPA backend crashes in the backward with an illegal memory access (seen on H100 and "
+                     "H200, torch 2.11); use 'native' or 'flash'",
 }
 
 
