@@ -253,13 +253,19 @@ _HINTS = typing.get_type_hints(TrainConfig)
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
+def _short(value, limit: int = 80) -> str:
+    """A value for an error message: a crafted YAML value may be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _coerce(name: str, value, source: str):
     """Type-checks one value from YAML (the command line is typed by argparse) and normalizes choices."""
     kind = _scalar_type(_HINTS[name])
     meta = _FIELDS[name].metadata
     if value is not None:
         if kind is bool and not isinstance(value, bool):
-            raise ConfigError(f"{source}: {name} must be true or false, got {value!r}")
+            raise ConfigError(f"{source}: {name} must be true or false, got {_short(value)}")
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if kind is float and isinstance(value, str):  # YAML reads 1e-4 as a string
@@ -268,14 +274,14 @@ def _coerce(name: str, value, source: str):
             except ValueError:
                 pass
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ConfigError(f"{source}: {name} must be {kind.__name__}, got {value!r}")
+            raise ConfigError(f"{source}: {name} must be {kind.__name__}, got {_short(value)}")
     choices = meta.get("choices")
     if choices and value is not None:
         if meta.get("casefold"):
             matches = [c for c in choices if c.lower() == str(value).lower()]
             value = matches[0] if matches else value
         if value not in choices:
-            raise ConfigError(f"{source}: {name} {value!r} is not one of {', '.join(choices)}")
+            raise ConfigError(f"{source}: {name} {_short(value)} is not one of {', '.join(choices)}")
     return value
 
 
@@ -297,16 +303,33 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def load_yaml_mapping(text: str, source: str) -> dict:
+    """A YAML mapping, parsed safely (no Python objects) and without anchors or aliases: a few kilobytes of nested
+    aliases expand to gigabytes.
+
+    Raises:
+        ConfigError: not YAML, aliases, or not a mapping.
+    """
+    try:
+        if any(isinstance(token, (yaml.AliasToken, yaml.AnchorToken)) for token in yaml.scan(text)):
+            raise ConfigError(f"{source} uses YAML anchors or aliases (&name / *name); write the values out")
+        loaded = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source} is not valid YAML: {str(err).splitlines()[0]}") from err
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{source} must hold a mapping of flag names to values")
+    return loaded
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"--config {path} does not exist")
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--config {path} is not valid YAML: {str(err).splitlines()[0]}") from err
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"--config {path} must hold a mapping of flag names to values")
-    return loaded
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"--config {path} is larger than 1 MiB")
+    return load_yaml_mapping(path.read_text(), f"--config {path}")
 
 
 def _coerce_all(loaded: dict, source: str) -> dict:
@@ -314,7 +337,7 @@ def _coerce_all(loaded: dict, source: str) -> dict:
     for key, value in loaded.items():
         key = str(key).replace("-", "_")
         if key not in _FIELDS:
-            raise ConfigError(f"{source}: unknown key {key!r}")
+            raise ConfigError(f"{source}: unknown key {_short(key)}")
         values[key] = _coerce(key, value, source)
     return values
 
@@ -378,15 +401,18 @@ def parse_launch(argv: list[str] | None = None, description: str | None = None) 
     output_dir = Path(base.get("output_dir") or TrainConfig.output_dir)
     specs, seen = [], set()
     for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        if not isinstance(entry, dict) or "name" not in entry:
             raise ConfigError(f"{source}: runs[{i}] must be a mapping with a name")
+        if not isinstance(entry["name"], str):
+            raise ConfigError(f"{source}: runs[{i}]'s name must be a string, got {_short(entry['name'])}")
         entry = dict(entry)
         name = entry.pop("name")
         if not RUN_NAME.match(name) or name.lower() in RESERVED_RUN_NAMES or name.lower().endswith(".json"):
-            raise ConfigError(f"{source}: run name {name!r} must be letters, digits, '.', '_' or '-' (a folder name), "
-                              f"not one of {', '.join(sorted(RESERVED_RUN_NAMES))} or *.json")
+            raise ConfigError(f"{source}: run name {_short(name)} must be letters, digits, '.', '_' or '-', starting "
+                              f"with a letter or digit (a folder name), and not one of "
+                              f"{', '.join(sorted(RESERVED_RUN_NAMES))} or *.json")
         if name.lower() in seen:
-            raise ConfigError(f"{source}: run name {name!r} appears twice")
+            raise ConfigError(f"{source}: run name {_short(name)} appears twice")
         seen.add(name.lower())
         own = _coerce_all(entry, f"{source}: run {name}")
         fixed = sorted(set(own) & set(SHARED_ONLY))

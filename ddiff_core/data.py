@@ -315,7 +315,9 @@ def read_holdout(path: Path, limit: int = 1 << 20) -> list[dict]:
         DataError: a missing, oversized or malformed file.
     """
     path = Path(path)
-    if not path.is_file() or path.is_symlink():
+    if path.is_symlink():
+        raise DataError(f"{path} is a symlink; only a plain holdout.jsonl is read")
+    if not path.is_file():
         raise DataError(f"{path} does not exist (train with --holdout N to hold out stills)")
     if path.stat().st_size > limit:
         raise DataError(f"{path} is larger than {limit} bytes")

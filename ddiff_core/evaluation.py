@@ -25,13 +25,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ddiff_core.atomic import atomic_write, atomic_write_text
 from ddiff_core.caching import fingerprint
-from ddiff_core.config import ConfigError, TrainConfig, _coerce_all
+from ddiff_core.config import ConfigError, TrainConfig, _coerce_all, load_yaml_mapping
 from ddiff_core.data import HOLDOUT_FILE, BadImage, DataError, decode_image, load_records, read_holdout, screen_records
 from ddiff_core.lora import LORA_WEIGHTS_NAME
 from ddiff_core.serving.adapters import AdapterBank, LoraInfo, StaticCatalog, lora_info, scan_lora_dir
@@ -164,13 +163,15 @@ def read_run_config(folder: Path) -> TrainConfig:
         EvalError: a missing, oversized or malformed file, or a value out of bounds.
     """
     path = folder / "training_config.yaml"
-    if not path.is_file() or path.is_symlink() or path.stat().st_size > MAX_CONFIG_BYTES:
-        raise EvalError(f"{path} is missing (not a finished ddiff run?)")
+    if path.is_symlink():
+        raise EvalError(f"{path} is a symlink; only plain files in a LoRA folder are read")
+    if not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
+        raise EvalError(f"{path} is missing or larger than 1 MiB (not a finished ddiff run?)")
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-        values = _coerce_all({k: v for k, v in loaded.items() if k in CONFIG_KEYS}, str(path))
-    except (yaml.YAMLError, AttributeError) as err:
-        raise EvalError(f"{path} is not a ddiff training config") from err
+        loaded = load_yaml_mapping(path.read_text(errors="replace"), str(path))
+        # Known keys with values only; a dataset named there is never loaded (it could name any folder or a download).
+        values = _coerce_all({k: v for k, v in loaded.items() if k in CONFIG_KEYS and v is not None
+                              and k not in ("dataset_name", "dataset_config_name")}, str(path))
     except ConfigError as err:
         raise EvalError(str(err)) from err
     config = TrainConfig(**values)
@@ -180,8 +181,6 @@ def read_run_config(folder: Path) -> TrainConfig:
         raise EvalError(f"{path}: resolution or max_sequence_length out of bounds")
     if len(prompts) > MAX_PROMPTS or any(len(p) > 1000 for p in prompts):
         raise EvalError(f"{path}: more than {MAX_PROMPTS} validation prompts, or one over 1000 characters")
-    if config.dataset_name and not Path(config.dataset_name).is_dir():
-        config.dataset_name = None  # a hub dataset is never downloaded for references: use --reference_dir
     return config
 
 
@@ -224,11 +223,13 @@ def reference_images(run: LoraInfo, config: TrainConfig, reference_dir: Path | N
             except BadImage as err:
                 logger.warning("skipping reference %s: %s", path.name, err)
         if not images:
-            raise EvalError(f"no usable reference images in {folder}")
+            looked = f"{folder} (no sub-folder {run.name}/ there)" if folder == reference_dir else str(folder)
+            raise EvalError(f"no usable reference images in {looked}")
         return images, str(folder)
     entries = read_holdout(run.path / HOLDOUT_FILE) if (run.path / HOLDOUT_FILE).is_file() else []
-    if not entries or not (config.instance_data_dir or config.dataset_name):
-        raise EvalError(f"{run.name}: no reference stills; train with --holdout N or pass --reference_dir")
+    if not entries or not config.instance_data_dir:
+        raise EvalError(f"{run.name}: no reference stills; train with --holdout N on an --instance_data_dir folder, "
+                        "or pass --reference_dir")
     wanted = {e["sha256"] for e in entries}
     try:
         records, dataset = load_records(config)
@@ -280,6 +281,15 @@ class Evaluation:
             raise EvalError(f"the LoRAs were trained on different base models ({', '.join(sorted(models))}); "
                             "pass --pretrained_model_name_or_path")
         self.base_model = base_model or models.pop()
+        from ddiff_core.families import resolve_family
+
+        # A local base must be a pipeline folder before anything reads it (a config could name any folder).
+        family_name = None if Path(self.base_model).is_dir() else self.configs[self.runs[0].name].model_family
+        self.family = resolve_family(self.base_model, family_name)
+        for path in [self.output_dir, *(self.output_dir / run.name for run in self.runs),
+                     *(self.output_dir / run.name / "images" for run in self.runs)]:
+            if path.is_symlink():
+                raise EvalError(f"{path} is a symlink; the evaluation writes only into plain folders")
         self.prompts = {run.name: self._prompts(run) for run in self.runs}
         self.references = {}
         for run in self.runs:  # every input is checked before a model loads
@@ -290,7 +300,12 @@ class Evaluation:
         if not prompts:
             raise EvalError(f"{run.name} has no validation prompts; pass --prompts_file")
         trigger = run.trigger or ""
-        return [" ".join(p.replace("{trigger}", trigger).split()) for p in prompts]
+        if len(trigger) > 200:
+            raise EvalError(f"{run.name}: its model card's trigger phrase is over 200 characters")
+        prompts = [" ".join(p.replace("{trigger}", trigger).split()) for p in prompts]
+        if any(len(p) > 1000 for p in prompts):
+            raise EvalError(f"{run.name}: a prompt is over 1000 characters once its trigger is filled in")
+        return prompts
 
     def _key(self, run: LoraInfo) -> str:
         from ddiff_core.runs import model_identity
@@ -310,14 +325,11 @@ class Evaluation:
                                    max_sequence_length=self.settings.max_sequence_length or config.max_sequence_length)
 
     def run(self) -> dict:
-        from ddiff_core.families import resolve_family
-
         keys = {run.name: self._key(run) for run in self.runs}
         todo = [run for run in self.runs if not self._done(run, keys[run.name])]
         if todo:
             scorer = ClipScorer(self.clip_model, self.device)  # a bad --clip_model fails before the pipeline loads
-            first = self.configs[todo[0].name]
-            family = resolve_family(self.base_model, first.model_family)
+            family = self.family
             pipeline = family.load_pipeline(self.base_model, dtype=self.dtype, use_safetensors=True).to(self.device)
             pipeline.set_progress_bar_config(disable=True)
             bank = AdapterBank(pipeline, StaticCatalog(todo, self.root))

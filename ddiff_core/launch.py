@@ -65,8 +65,8 @@ class _Launch:
     def fail(self, spec, err: Exception, code: int = 2) -> None:
         outcome = self.outcomes[id(spec)]
         outcome.status, outcome.code, outcome.message = "failed", code, str(err)
-        if self.main_process:
-            logger.error("%s%s", f"run {spec.name}: " if spec.name else "", err)
+        if self.main_process and spec.name:  # the script prints every failure at the end; this puts it in the log too
+            logger.warning("run %s failed; the others go on", spec.name)
 
     def run(self) -> LaunchReport:
         report = LaunchReport([self.outcomes[id(s)] for s in self.specs])

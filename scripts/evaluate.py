@@ -71,7 +71,7 @@ def main(argv=None) -> int:
                                 clip_model=args.clip_model, reference_dir=args.reference_dir,
                                 base_model=args.pretrained_model_name_or_path, dtype=dtype_of(precision))
         report = evaluation.run()
-    except (EvalError, DataError, UnknownModelError) as err:
+    except (EvalError, DataError, UnknownModelError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = evaluation.output_dir

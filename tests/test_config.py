@@ -52,3 +52,14 @@ def test_bad_yaml_is_an_error(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         parse_config(BASE + ["--config", str(path)])
+
+
+def test_yaml_anchors_and_aliases_are_refused_and_errors_stay_short(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("a: &a [x, x, x]\nvalidation_prompt: [*a, *a]\n")
+    with pytest.raises(ConfigError, match="anchors or aliases"):
+        parse_config(["--config", str(path)])
+    path.write_text("rank: [" + ", ".join(["12345"] * 10000) + "]\n")
+    with pytest.raises(ConfigError) as err:
+        parse_config(["--config", str(path)])
+    assert len(str(err.value)) < 300

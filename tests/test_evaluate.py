@@ -108,3 +108,33 @@ def test_evaluation_refuses_bad_input_in_one_line(trained, tmp_path, capsys):
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     code, err = _evaluate(capsys, tmp_path, tmp_path / "out", clip)
     assert code == 2 and "no LoRA in" in err
+
+
+def test_a_received_lora_folder_cannot_redirect_or_exhaust_the_evaluation(trained, tmp_path, capsys):
+    import shutil
+
+    root, clip = trained
+    lora = tmp_path / "received"
+    shutil.copytree(root / "loras" / "noir", lora, ignore=shutil.ignore_patterns("checkpoint-*", "cache", "logs"))
+    config = lora / "training_config.yaml"
+    original = config.read_text()
+
+    def attempt(text, *extra):
+        config.write_text(text)
+        code, err = _evaluate(capsys, lora, tmp_path / "out", clip, *extra)
+        return code, err.strip().splitlines()[-1] if err.strip() else ""
+
+    # a few lines of nested aliases would expand to gigabytes
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+    code, last = attempt(original + bomb + "validation_prompt: [*b, *b, *b, *b, *b, *b, *b, *b]\n")
+    assert code == 2 and "anchors or aliases" in last and len(last) < 400
+    # a base model that is not a pipeline folder is refused before anything under it is read
+    code, last = attempt(original + "\npretrained_model_name_or_path: /usr\n")  # the later key wins
+    assert code == 2 and "not a diffusers pipeline folder" in last
+    config.write_text(original)
+    # an output folder that is a symlink elsewhere is not written through
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (tmp_path / "out").symlink_to(victim)
+    code, err = _evaluate(capsys, lora, tmp_path / "out", clip, "--reference_dir", str(root / "data" / "noir"))
+    assert code == 2 and "symlink" in err and not any(victim.iterdir())
