@@ -135,7 +135,8 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_MANIFEST_BYTES = 1 << 20
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -228,7 +229,7 @@ def verify_checkpoint(path: Path) -> dict:
         if not _regular_file(file):
             raise CheckpointError(f"checkpoint {path} is missing {name} (or it is not a plain file)")
         try:
-            if file.stat().st_size != expected["size"] or _sha256(file) != expected["sha256"]:
+            if file.stat().st_size != expected["size"] or file_sha256(file) != expected["sha256"]:
                 raise CheckpointError(f"checkpoint {path}: {name} is corrupt (size or checksum differs from {MANIFEST})")
         except OSError as err:
             raise CheckpointError(f"checkpoint {path}: {name} is unreadable ({err.strerror})") from err
@@ -305,7 +306,7 @@ class Checkpointer:
         save_state(tmp / f"rng-{acc.process_index}.safetensors", _rng_state(training_generator))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+            files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": file_sha256(f)}
                      for f in sorted(p for p in tmp.rglob("*") if p.is_file())}
             manifest = {"format": FORMAT, "global_step": global_step, "num_processes": acc.num_processes, "seed": seed,
                         "run": self.run.to_json(), "files": files}

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from ddiff_core.atomic import atomic_write, atomic_write_text
 from ddiff_core.caching import fingerprint
+from ddiff_core.checkpoint import file_sha256
 from ddiff_core.config import ConfigError, TrainConfig, _coerce_all, load_yaml_mapping
 from ddiff_core.data import HOLDOUT_FILE, BadImage, DataError, decode_image, load_records, read_holdout, screen_records
 from ddiff_core.lora import LORA_WEIGHTS_NAME
@@ -184,14 +185,6 @@ def read_run_config(folder: Path) -> TrainConfig:
     return config
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _small(image: Image.Image) -> Image.Image:
     """A reference kept at CLIP's scale, not its own: 2000 stills of 40 MP would not fit in memory."""
     image.thumbnail((REFERENCE_SIDE, REFERENCE_SIDE), Image.Resampling.BICUBIC)
@@ -314,7 +307,7 @@ class Evaluation:
         references = hashlib.sha256()
         for image in self.references[run.name][0]:
             references.update(f"{image.size}".encode() + image.tobytes())
-        return fingerprint({"format": EVAL_FORMAT, "lora": _file_digest(run.path / LORA_WEIGHTS_NAME),
+        return fingerprint({"format": EVAL_FORMAT, "lora": file_sha256(run.path / LORA_WEIGHTS_NAME),
                             "references": references.hexdigest(), "prompts": self.prompts[run.name],
                             "settings": dataclasses.asdict(self._run_settings(config)),
                             "clip": model_identity(self.clip_model),
