@@ -161,3 +161,16 @@ def test_sampler_shards_are_disjoint_reshuffled_and_resumable():
     assert all(len(batches) == 1 and len(batches[0]) == 2 for batches in few)  # every process has a full batch
     with pytest.raises(DataError, match="no training items"):
         EpochBatchSampler(0, 2, seed=0)
+
+
+def test_the_holdout_depends_on_seed_and_content_not_order_and_leaves_something_to_train():
+    from ddiff_core.data import Record, split_holdout
+
+    records = [Record(name=f"{i}.jpg", caption="c", digest=f"{i:064x}") for i in range(10)]
+    train, held = split_holdout(records, 3, seed=0)
+    assert len(held) == 3 and len(train) == 7 and {r.name for r in train} | {r.name for r in held} == {r.name for r in records}
+    assert split_holdout(list(reversed(records)), 3, seed=0)[1] == list(reversed(held))  # same stills, folder order kept
+    assert split_holdout(records, 3, seed=1)[1] != held
+    assert len(split_holdout(records, 0.25, seed=0)[1]) == 2  # a fraction: round(2.5) = 2
+    with pytest.raises(DataError, match="none would be left to train on"):
+        split_holdout(records, 10, seed=0)
