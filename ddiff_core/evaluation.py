@@ -300,9 +300,7 @@ class Evaluation:
             raise EvalError(f"{run.name}: a prompt is over 1000 characters once its trigger is filled in")
         return prompts
 
-    def _key(self, run: LoraInfo) -> str:
-        from ddiff_core.runs import model_identity
-
+    def _key(self, run: LoraInfo, models: dict) -> str:
         config = self.configs[run.name]
         references = hashlib.sha256()
         for image in self.references[run.name][0]:
@@ -310,15 +308,17 @@ class Evaluation:
         return fingerprint({"format": EVAL_FORMAT, "lora": file_sha256(run.path / LORA_WEIGHTS_NAME),
                             "references": references.hexdigest(), "prompts": self.prompts[run.name],
                             "settings": dataclasses.asdict(self._run_settings(config)),
-                            "clip": model_identity(self.clip_model),
-                            "base": model_identity(self.base_model), "dtype": str(self.dtype)})
+                            **models, "dtype": str(self.dtype)})
 
     def _run_settings(self, config: TrainConfig) -> EvalSettings:
         return dataclasses.replace(self.settings, resolution=self.settings.resolution or config.resolution,
                                    max_sequence_length=self.settings.max_sequence_length or config.max_sequence_length)
 
     def run(self) -> dict:
-        keys = {run.name: self._key(run) for run in self.runs}
+        from ddiff_core.runs import model_identity
+
+        models = {"clip": model_identity(self.clip_model), "base": model_identity(self.base_model)}  # read once
+        keys = {run.name: self._key(run, models) for run in self.runs}
         todo = [run for run in self.runs if not self._done(run, keys[run.name])]
         if todo:
             scorer = ClipScorer(self.clip_model, self.device)  # a bad --clip_model fails before the pipeline loads

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, get_grad_scaler, set_seed
 from tqdm.auto import tqdm
 
 from ddiff_core.buckets import (Bucket, BucketError, bucket_report, check_buckets, default_buckets, most_common,
@@ -334,7 +334,8 @@ class LoraTrainer:
                                               compile=cfg.compile)
         self.graphs_at_start = compiled_graphs()
         if acc.scaler is not None:  # fp16: each run starts from a fresh loss scale, as a launch of its own does
-            acc.scaler = type(acc.scaler)(acc.device.type)
+            acc.scaler = get_grad_scaler(acc.distributed_type, **(acc.scaler_handler.to_kwargs()
+                                                                   if acc.scaler_handler else {}))
         lr = cfg.learning_rate
         if cfg.scale_lr:
             lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * acc.num_processes
