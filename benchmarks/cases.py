@@ -186,6 +186,16 @@ def mixed_precision(env: Env, variant: str):
     return _ddiff_step(_training(env, weight_dtype=torch.float32 if variant == "before" else torch.bfloat16))
 
 
+def lora_input_casts(env: Env, variant: str):
+    """bf16 frozen weights, fp32 LoRA under autocast: peft's round-trip cast of each LoRA input kept vs skipped."""
+    from benchmarks.test_full_model import keep_lora_input_casts
+
+    t = _training(env, weight_dtype=torch.bfloat16)
+    if variant == "before":
+        keep_lora_input_casts(t.denoiser)
+    return _ddiff_step(t)
+
+
 def bucket_step(env: Env, bucket):
     """One cached training step with every image in ``bucket`` (height x width): equal area, equal cost?"""
     return _ddiff_step(_training(env, bucket=bucket))
@@ -344,6 +354,7 @@ CASES = {
     "gradient_checkpointing": gradient_checkpointing,
     "mixed_precision": mixed_precision,
     "compile": regional_compile,
+    "lora_input_casts": lora_input_casts,
     "dataloader": dataloader,
     "ddp_no_sync": ddp_no_sync,
 }

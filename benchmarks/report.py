@@ -22,6 +22,7 @@ CLAIMS = {
     "gradient_checkpointing": "Gradient checkpointing off vs on, whole training step",
     "mixed_precision": "Frozen weights fp32 vs bf16 (LoRA fp32), whole training step",
     "compile": "Denoiser eager vs --compile (regional torch.compile), whole cached training step",
+    "lora_input_casts": "bf16 base, fp32 LoRA under autocast: peft's round-trip cast of each LoRA input kept vs skipped, whole cached step",
     "dataloader": "DataLoader: 0 workers vs 2 persistent prefetching workers, one epoch of decoded images",
     "ddp_no_sync": "4-step gradient accumulation, 2-process DDP: all-reduce every micro-batch vs no_sync",
 }
@@ -169,6 +170,10 @@ def render(paths: list[Path]) -> str:
             from benchmarks.multi_run import render as render_multi_run
 
             lines += [render_multi_run(result)]
+        if "bitwise_equal" in result:
+            from benchmarks.lora_casts import render as render_lora_casts
+
+            lines += [render_lora_casts(result)]
     quantized = [b for b in benches if b["extra_info"]["case"] == "quantized_base"]
     if quantized:
         e0 = quantized[0]["extra_info"]
@@ -198,18 +203,22 @@ def render(paths: list[Path]) -> str:
                   f"{e0.get('device_name')}; torch {e0['torch']}, diffusers {e0['diffusers']}. Built by ddiff's builders "
                   "and run as the trainer runs it (rank-16 LoRA on all blocks in fp32 under bf16 autocast, cached "
                   "latents and 512 text tokens, clip, AdamW, LR schedule). MFU = model FLOPs per step / median step "
-                  "time / 989 TFLOP/s (dense bf16). Graphs: torch.compile graphs compiled for that variant. Command: "
-                  "`bash benchmarks/gpu_run.sh`.", "",
-                  "| resolution | batch | compile | gradient checkpointing | s/step (median) | peak memory | TFLOP/step "
-                  "| MFU | graphs |", "|---|---|---|---|---|---|---|---|---|"]
+                  "time / 989 TFLOP/s (dense bf16). Graphs: torch.compile graphs compiled for that variant. peft casts: "
+                  "\"kept\" is peft's default round trip of each LoRA input through fp32 (the before of "
+                  "`skip_lora_input_casts`). Host syncs: the times one step made the host wait for the GPU (torch's "
+                  "sync debug mode). Command: `bash benchmarks/gpu_run.sh`.", "",
+                  "| resolution | batch | compile | gradient checkpointing | peft casts | s/step (median) | peak memory "
+                  "| TFLOP/step | MFU | graphs | host syncs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for b in trainer:
             e = b["extra_info"]
             interval = e["checkpointing_interval"]
             ckpt = "off" if not interval else ("every block" if interval == 1 else f"1 block in {interval}")
             mem = f"{e['peak_mem_mb'] / 1024:.1f} GiB" if e.get("peak_mem_mb") else "n/a"
+            casts = "kept" if e.get("peft_input_casts") else "skipped"
             lines.append(f"| {e['resolution']} px | {e['batch']} | {'on' if e['compile'] else 'off'} | {ckpt} | "
-                         f"{b['stats']['median']:.3f} | {mem} | {e['step_tflop']:.1f} | "
-                         f"{e.get('mfu', float('nan')) * 100:.1f}% | {e.get('graphs', 'n/a')} |")
+                         f"{casts} | {b['stats']['median']:.3f} | {mem} | {e['step_tflop']:.1f} | "
+                         f"{e.get('mfu', float('nan')) * 100:.1f}% | {e.get('graphs', 'n/a')} | "
+                         f"{e.get('host_syncs', 'n/a')} |")
         lines.append("")
     full = [b for b in benches if b["extra_info"]["case"].startswith("full_flux_")
             and b["extra_info"]["case"] != "full_flux_trainer"]

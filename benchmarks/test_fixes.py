@@ -10,6 +10,7 @@ from benchmarks.harness import run_case
 
 ROUNDS = {  # timed rounds per variant on the CPU; each is a whole step / validation / request
     "vae_scaling": 20, "feature_caches": 20, "gradient_checkpointing": 20, "mixed_precision": 10, "compile": 20,
+    "lora_input_casts": 20,
     "validation_reload": 5, "validation_batching": 5, "serving": 5, "lora_switch": 50, "lora_list": 50,
     "dataloader": 5, "ddp_no_sync": 1,
 }

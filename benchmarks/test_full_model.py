@@ -1,6 +1,7 @@
 """The trainer's own step at FLUX.1-dev's transformer shape (19 double + 38 single blocks, hidden 3072, 24 heads,
 ~11.9B parameters; random bf16 weights built directly on the GPU): eager vs regional `--compile`, gradient
-checkpointing off / every block / every other block, at 1024 and 512 px (batch 1, and 2 at 512).
+checkpointing off / every block / every other block, at 1024 and 512 px (batch 1, and 2 at 512), and the eager step
+with peft's round-trip input casts kept (what `skip_lora_input_casts` removes).
 
     pytest benchmarks/test_full_model.py --device cuda --dtype bf16 --model-size full -m gpu \\
         --benchmark-json .benchmarks/full.json
@@ -31,10 +32,11 @@ FLUX_DEV = dict(in_channels=64, num_layers=19, num_single_layers=38, attention_h
                 joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
 DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense (no sparsity) bf16 tensor-core peaks
 TEXT_TOKENS = 512
-# (resolution, batch, compile, checkpointing interval or 0): the goal's configuration first, so a short window still
-# measures it.
-FULL_VARIANTS = [(1024, 1, False, 0), (1024, 1, True, 0), (1024, 1, True, 1), (1024, 1, True, 2),
-                 (512, 1, False, 0), (512, 1, True, 0), (512, 2, True, 0)]
+# (resolution, batch, compile, checkpointing interval or 0, peft's input casts kept): the goal's configuration first,
+# so a short window still measures it; the kept casts are the "before" of skip_lora_input_casts.
+FULL_VARIANTS = [(1024, 1, False, 0, False), (1024, 1, True, 0, False), (1024, 1, False, 0, True),
+                 (1024, 1, True, 1, False), (1024, 1, True, 2, False),
+                 (512, 1, False, 0, False), (512, 1, True, 0, False), (512, 2, True, 0, False)]
 
 
 def _peak_flops() -> float:
@@ -86,14 +88,15 @@ def base(bench_env):
     comps["transformer"].to(bench_env.device)
     cfg = comps["transformer"].config
     side = bench_env.resolution
-    variants = [(side, 1, False, 0), (side, 1, True, 0), (side, 1, False, 2)]
+    variants = [(side, 1, False, 0, False), (side, 1, True, 0, False), (side, 1, False, 2, False),
+                (side, 1, False, 0, True)]
     return family, comps, bench_env.torch_dtype, 32, cfg.joint_attention_dim, cfg.pooled_projection_dim, variants
 
 
 def _variant_id(v) -> str:
-    resolution, batch, compile, interval = v
+    resolution, batch, compile, interval, peft_casts = v
     ckpt = "no-ckpt" if not interval else ("ckpt-every" if interval == 1 else f"ckpt-every-{interval}")
-    return f"{resolution}px-b{batch}-{'compile' if compile else 'eager'}-{ckpt}"
+    return f"{resolution}px-b{batch}-{'compile' if compile else 'eager'}-{ckpt}" + ("-peft-casts" if peft_casts else "")
 
 
 @pytest.mark.gpu
@@ -104,7 +107,7 @@ def test_full_flux_trainer_step(benchmark, bench_env, base, index):
     _run_variant(benchmark, bench_env, base, index)
 
 
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(4))
 def test_trainer_step_small(benchmark, bench_env, base, index):
     if bench_env.size == "full":
         pytest.skip("the full shape runs as test_full_flux_trainer_step")
@@ -115,12 +118,14 @@ def _run_variant(benchmark, bench_env, base, index):
     family, comps, dtype, text_tokens, text_width, pooled_width, variants = base
     if index >= len(variants):
         pytest.skip("no such variant at this size")
-    resolution, batch, compile, interval = variants[index]
+    resolution, batch, compile, interval, peft_casts = variants[index]
     device = torch.device(bench_env.device)
     model = comps["transformer"]
     cfg = TrainConfig(learning_rate=1e-4, rank=16, lora_alpha=16, max_grad_norm=1.0)
     add_trainable_lora(model, family, rank=cfg.rank, alpha=cfg.lora_alpha, dropout=0.0, lora_layers=None, seed=0,
                        gradient_checkpointing=bool(interval), checkpointing_interval=max(interval, 1), compile=compile)
+    if peft_casts:
+        keep_lora_input_casts(model)
     graphs_before = compiled_graphs()
     model.train()
     step, optimizer = trainer_step(family, comps, model, dtype, device, resolution, batch, text_tokens, text_width,
@@ -129,7 +134,8 @@ def _run_variant(benchmark, bench_env, base, index):
     benchmark.group = f"trainer-step-{resolution}px-b{batch}"
     benchmark.extra_info.update(case="full_flux_trainer" if bench_env.size == "full" else "trainer_step",
                                 variant=_variant_id(variants[index]), resolution=resolution, batch=batch,
-                                compile=compile, checkpointing_interval=interval, size=bench_env.size,
+                                compile=compile, checkpointing_interval=interval, peft_input_casts=peft_casts,
+                                size=bench_env.size,
                                 device=bench_env.device, **versions())
     try:
         if device.type == "cuda":
@@ -142,6 +148,7 @@ def _run_variant(benchmark, bench_env, base, index):
             pytest.skip(f"out of memory: {_variant_id(variants[index])}")
         if device.type == "cuda":
             benchmark.extra_info["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            benchmark.extra_info["host_syncs"] = host_syncs(step)
         benchmark.pedantic(step, rounds=5 if bench_env.size == "full" else 3, warmup_rounds=1, iterations=1)
         flops = step_flops(model, (side // 2) ** 2, text_tokens, batch)
         benchmark.extra_info.update(step_tflop=flops / 1e12, graphs=compiled_graphs() - graphs_before,
@@ -153,6 +160,15 @@ def _run_variant(benchmark, bench_env, base, index):
         remove_trainable_lora(model, family)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def keep_lora_input_casts(model) -> None:
+    """peft's default, the "before" of ``skip_lora_input_casts``: each LoRA input cast to fp32 and back."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.cast_input_dtype_enabled = True
 
 
 def trainer_step(family, comps, model, dtype, device, resolution, batch, text_tokens, text_width, pooled_width, cfg):
@@ -174,16 +190,34 @@ def trainer_step(family, comps, model, dtype, device, resolution, batch, text_to
     generator = torch.Generator(device).manual_seed(0)
     autocast = torch.autocast(device.type, dtype, enabled=dtype != torch.float32)
 
-    def step():
+    def step(wait: bool = True):
         loss = compute_loss(objective, model, features, latent_norm, batch_input, generator, dtype, autocast=autocast)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        sync(str(device))
+        if wait:
+            sync(str(device))
 
     return step, optimizer
+
+
+def host_syncs(step) -> int:
+    """How often one step (without its final wait) makes the host wait for the GPU: torch's sync debug mode warns
+    at each synchronizing call (an item(), a copy to the host or from pageable memory, ...)."""
+    import warnings
+
+    sync(str(torch.device("cuda")))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(wait=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sync(str(torch.device("cuda")))
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def build_full_flux(device) -> torch.nn.Module:

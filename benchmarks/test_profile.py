@@ -1,4 +1,5 @@
-"""The profile command runs the real training loop and writes a trace TensorBoard and Perfetto open."""
+"""The profile command runs the real training loop and writes a trace TensorBoard and Perfetto open; the LoRA
+casts benchmark runs and finds the same bits with fewer casts."""
 
 import gzip
 import json
@@ -18,3 +19,13 @@ def test_profile_command_writes_a_trace(tmp_path, bench_env):
     assert len(traces) == 1
     events = json.loads(gzip.decompress(traces[0].read_bytes()))["traceEvents"]
     assert any(e.get("name") == "ProfilerStep#2" for e in events)  # wait 1, warm-up 1, then the recorded step
+
+
+def test_lora_casts_benchmark_counts_fewer_casts_for_the_same_bits(tmp_path, bench_env):
+    from benchmarks.lora_casts import main
+
+    size = "tiny" if bench_env.size == "full" else bench_env.size
+    main(["--size", size, "--pairs", "2", "--output", str(tmp_path / "casts.json")])
+    result = json.loads((tmp_path / "casts.json").read_text())
+    assert result["bitwise_equal"]
+    assert result["skipped"]["casts"] < result["kept"]["casts"] and result["skipped"]["cast_mb"] < result["kept"]["cast_mb"]

@@ -12,7 +12,8 @@ from ddiff_core.buckets import Bucket
 from ddiff_core.config import ConfigError, TrainConfig
 from ddiff_core.data import EpochBatchSampler, ImageCaptionDataset, Record, collate
 from ddiff_core.lora import add_lora
-from ddiff_core.speed import checkpoint_blocks, compile_blocks, uncheckpoint_blocks, uncompile_blocks
+from ddiff_core.speed import (checkpoint_blocks, compile_blocks, skip_lora_input_casts, uncheckpoint_blocks,
+                              uncompile_blocks)
 
 
 def load_base(family, path: str, *, dtype: torch.dtype, device, revision: str | None = None,
@@ -35,11 +36,13 @@ def add_trainable_lora(denoiser, family, *, rank: int, alpha: int, dropout: floa
                        compile: bool = False) -> LoraConfig:
     """Adds the LoRA (its initial weights depend on ``seed`` alone), in fp32 whatever the frozen weights' dtype; then
     gradient checkpointing (every block, or every ``checkpointing_interval``-th repeated block) and regional
-    compilation, in that order, so each compiled block holds its LoRA."""
+    compilation, in that order, so each compiled block holds its LoRA. Under mixed precision, peft's exact round-trip
+    casts of the LoRA inputs are skipped (``skip_lora_input_casts``)."""
     torch.manual_seed(seed)
     config = add_lora(denoiser, family, rank=rank, alpha=alpha, dropout=dropout, lora_layers=lora_layers)
     for param in trainable_params(denoiser):
         param.data = param.data.float()
+    skip_lora_input_casts(denoiser)
     if gradient_checkpointing and checkpointing_interval == 1:
         denoiser.enable_gradient_checkpointing()
     elif gradient_checkpointing:

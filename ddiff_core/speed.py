@@ -1,4 +1,5 @@
-"""Speed settings of the denoiser: regional compilation, dosed gradient checkpointing, the attention backend.
+"""Speed settings of the denoiser: regional compilation, dosed gradient checkpointing, the attention backend, no
+needless dtype casts.
 
 Regional compilation compiles each repeated block class once (FLUX's double- and single-stream blocks, SD3's joint
 blocks, the UNets' transformer blocks) and reuses the graph across the blocks of that class, so compile time is
@@ -99,6 +100,33 @@ def uncheckpoint_blocks(denoiser, family) -> None:
         if getattr(block, "_ddiff_checkpointed", False):
             del block.forward  # the class's forward again
             del block._ddiff_checkpointed
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def skip_lora_input_casts(denoiser) -> int:
+    """Turns off peft's cast of each LoRA layer's input to the LoRA's dtype, where autocast makes it a round trip.
+
+    The frozen weights are bf16 (or fp16) and the LoRA fp32, so the step runs under autocast. peft then casts each
+    LoRA layer's half-precision input up to fp32, and autocast casts it straight back down for the matmul: two
+    activation-sized copies per LoRA layer in the forward, two more in the backward, and the input saved twice for
+    the backward. The round trip is exact (every bf16/fp16 value is an fp32 value), so without it the step computes
+    the same bits. Layers with dropout keep the cast (dropout in another dtype could round differently), and so does
+    a model whose frozen weights are fp32 (no autocast, nothing to skip). The LoRA weights themselves are cast once
+    per forward: autocast caches the cast of a leaf parameter. Returns the number of layers changed.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    frozen = {p.dtype for p in denoiser.parameters() if not p.requires_grad and p.is_floating_point()}
+    if not frozen & set(LOW_PRECISION):
+        return 0
+    changed = 0
+    for module in denoiser.modules():
+        if isinstance(module, LoraLayer) and all(isinstance(d, torch.nn.Identity) for d in module.lora_dropout.values()):
+            module.cast_input_dtype_enabled = False
+            changed += 1
+    return changed
 
 
 # Backends that fail on a known stack, refused with the reason instead of a device fault mid-run.

@@ -489,7 +489,13 @@ class LoraTrainer:
                     group_indices += batch["indices"].tolist()
                     if not last_in_group:
                         continue
-                    step_loss = acc.reduce(torch.stack(group_losses).mean(), reduction="mean").item()
+                    # One collective and one host-device sync per optimizer step: the loss for the log, and whether
+                    # any process was asked to stop (all must stop at the same step).
+                    agreed = acc.reduce(torch.stack([torch.stack(group_losses).mean().float(),
+                                                     torch.tensor(float(self._stop_signal), device=acc.device)]),
+                                        reduction="sum")
+                    agreed[0] /= acc.num_processes  # the mean loss, as reduce(..., "mean") computes it
+                    step_loss, stop = agreed[0].item(), bool(agreed[1].item())
                     if not math.isfinite(step_loss):
                         self._non_finite(step_loss, group_indices)
                     if cfg.max_grad_norm > 0:
@@ -505,7 +511,7 @@ class LoraTrainer:
                     self._log_step(step_loss, seconds, group_len * cfg.train_batch_size * acc.num_processes)
                     progress.update(1)
                     progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
-                    self._after_step()
+                    self._after_step(stop)
                     group_losses, group_indices, step_start = [], [], time.perf_counter()
                     if self.global_step >= self.max_train_steps:
                         break
@@ -514,12 +520,9 @@ class LoraTrainer:
                 if not cfg.validation_steps and (epoch + 1) % cfg.validation_epochs == 0:
                     self.validate()
 
-    def _after_step(self) -> None:
-        """Checkpoint, validation and stop requests, at an optimizer-step boundary."""
-        cfg, acc = self.config, self.accelerator
-        stop = self._stop_signal
-        if acc.num_processes > 1:  # every process must agree to stop at the same step
-            stop = int(acc.reduce(torch.tensor(stop, device=acc.device), reduction="sum").item())
+    def _after_step(self, stop: bool) -> None:
+        """Checkpoint, validation and a stop request (agreed by every process), at an optimizer-step boundary."""
+        cfg = self.config
         if stop or self.global_step % cfg.checkpointing_steps == 0:
             self.checkpointer.save(self.global_step, model=self.denoiser, optimizer=self.optimizer,
                                    lr_scheduler=self.lr_scheduler, training_generator=self.generator, seed=self.seed,

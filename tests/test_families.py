@@ -1,6 +1,7 @@
 """Every registered family (and FLUX.1-schnell) through the same tests: tiny build, training with and without
 caches, exact resume, the stock pipeline loading the LoRA; plus a third-party family from an entry point."""
 
+import json
 import os
 import subprocess
 import sys
@@ -62,6 +63,23 @@ def test_resume_from_a_checkpoint_is_exact(family_model, tmp_path):
     assert_resume_from_copy_is_exact(path, tmp_path, [
         "--max_train_steps", "6", "--checkpointing_steps", "3", "--gradient_accumulation_steps", "2",
         "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--learning_rate", "1e-3"])
+
+
+@pytest.mark.parametrize("family_model", [
+    pytest.param(("sd3", None), id="sd3"),  # its block class is named by ddiff's plugin
+    pytest.param(("sdxl", None), id="sdxl"),
+    pytest.param(("sd15", None), id="sd15", marks=pytest.mark.slow),  # the UNet's blocks again, as in SDXL
+], indirect=True)
+def test_compiled_training_matches_eager(family_model, tmp_path):
+    """Regional compilation of each family's repeated blocks (FLUX's is tested in depth in test_speed.py)."""
+    name, _, model = family_model
+    args = ["--max_train_steps", "2", "--learning_rate", "1e-2", "--cache_latents"]
+    run_script("train_lora.py", train_args(model, tmp_path / "eager", *args))
+    run_script("train_lora.py", train_args(model, tmp_path / "compiled", *args, "--compile"))
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("eager", "compiled")]
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=0)
+    assert json.loads((tmp_path / "compiled" / "run_summary.json").read_text())["compiled_graphs"] > 0
 
 
 @pytest.mark.parametrize("name", ["sd15", "sdxl"])

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ddiff_core.builders import add_trainable_lora, remove_trainable_lora
 from ddiff_core.families import get_family
@@ -30,6 +31,84 @@ def test_compiled_training_matches_eager_resumes_exactly_and_compiles_a_bounded_
     # validations, not one per step (validation runs uncompiled).
     assert 0 < summary["compiled_graphs"] <= 8
     assert json.loads((tmp_path / "eager" / "run_summary.json").read_text())["compiled_graphs"] is None
+
+
+class _CountCasts(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.casts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.casts += func is torch.ops.aten._to_copy.default
+        return func(*args, **(kwargs or {}))
+
+
+def _bf16_step(denoiser, family):
+    """Loss and LoRA gradients of one bf16 forward and backward under autocast, as the trainer runs it, and the number
+    of dtype casts it made."""
+    from ddiff_core.config import LossSettings
+
+    gen = torch.Generator().manual_seed(0)
+    cfg = denoiser.config
+    noisy = torch.randn(2, cfg.in_channels // 4, 8, 8, generator=gen).bfloat16()
+    embeds = {"prompt_embeds": torch.randn(2, 6, cfg.joint_attention_dim, generator=gen),
+              "pooled_prompt_embeds": torch.randn(2, cfg.pooled_projection_dim, generator=gen)}
+    denoiser.zero_grad(set_to_none=True)
+    with _CountCasts() as counter, torch.autocast("cpu", torch.bfloat16):
+        pred = family.predict_velocity(denoiser, noisy, torch.tensor([300.0, 700.0]), embeds, LossSettings.from_config())
+        loss = pred.float().square().mean()
+    with _CountCasts() as backward:
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in denoiser.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, counter.casts + backward.casts
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_skipping_peft_input_casts_under_autocast_changes_no_bit_and_casts_less(tiny_flux, checkpointing):
+    from peft.tuners.lora import LoraLayer
+
+    family = get_family("flux")
+    denoiser = family.load_components(str(tiny_flux), dtype=torch.bfloat16)[family.denoiser_name]
+    add_trainable_lora(denoiser, family, rank=4, alpha=4, dropout=0.0, lora_layers=None, seed=0,
+                       gradient_checkpointing=checkpointing)
+    layers = [m for m in denoiser.modules() if isinstance(m, LoraLayer)]
+    assert layers and not any(m.cast_input_dtype_enabled for m in layers)
+    for p in denoiser.parameters():  # a non-zero B, so the LoRA's path carries gradient to the inputs
+        if p.requires_grad:
+            p.data.normal_(generator=torch.Generator().manual_seed(1))
+    skipped = _bf16_step(denoiser, family)
+    for m in layers:
+        m.cast_input_dtype_enabled = True  # peft's default
+    cast = _bf16_step(denoiser, family)
+    assert torch.equal(skipped[0], cast[0])
+    assert all(torch.equal(skipped[1][n], cast[1][n]) for n in cast[1])
+    assert skipped[2] < cast[2] - 2 * len(layers)  # at least the input's up-cast and its gradient's, per layer
+
+
+def test_input_casts_stay_where_they_are_not_a_round_trip(tiny_flux):
+    from peft.tuners.lora import LoraLayer
+
+    family = get_family("flux")
+    for dtype, dropout in [(torch.float32, 0.0), (torch.bfloat16, 0.1)]:  # no autocast; dropout in another dtype
+        denoiser = family.load_components(str(tiny_flux), dtype=dtype)[family.denoiser_name]
+        add_trainable_lora(denoiser, family, rank=4, alpha=4, dropout=dropout, lora_layers=None, seed=0)
+        assert all(m.cast_input_dtype_enabled for m in denoiser.modules() if isinstance(m, LoraLayer))
+
+
+@pytest.mark.parametrize("checkpointing", [
+    pytest.param(["--gradient_checkpointing"], marks=pytest.mark.slow, id="every-block"),
+    pytest.param(["--gradient_checkpointing", "--gradient_checkpointing_interval", "2"], id="every-2nd-block"),
+])
+def test_compiled_ddp_with_checkpointing_trains_as_eager(tiny_flux, tmp_path, checkpointing):
+    """Two processes, each block compiled inside DDP and inside (or around) its checkpoint: the eager run's losses,
+    one LoRA on both processes, and a bounded number of graphs."""
+    args = ["--max_train_steps", "3", "--learning_rate", "1e-2", "--cache_latents", *checkpointing]
+    run_script("train_lora.py", train_args(tiny_flux, tmp_path / "eager", *args), processes=2)
+    run_script("train_lora.py", train_args(tiny_flux, tmp_path / "compiled", *args, "--compile"), processes=2)
+    torch.testing.assert_close(_losses(tmp_path / "compiled"), _losses(tmp_path / "eager"), rtol=1e-4, atol=0)
+    summary = json.loads((tmp_path / "compiled" / "run_summary.json").read_text())
+    assert summary["num_processes"] == 2 and len(set(summary["lora_sha256_per_process"])) == 1
+    assert 0 < summary["compiled_graphs"] <= 8
 
 
 def test_checkpointing_every_other_block_changes_no_maths(tiny_flux, tmp_path):

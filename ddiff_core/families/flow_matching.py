@@ -31,16 +31,21 @@ class FlowMatchingSampler:
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self.timesteps = scheduler.timesteps.clone()
         self.sigmas = scheduler.sigmas.clone()
+        self._on_device: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def sample(self, batch_size: int, generator: torch.Generator, settings: LossSettings) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``(timesteps, sigmas)`` for a batch, on the generator's device."""
+        """Returns ``(timesteps, sigmas)`` for a batch, on the generator's device. The grid is looked up there too:
+        bringing the indices to the host would make it wait for the GPU at every micro-batch."""
         device = generator.device
         u = compute_density_for_timestep_sampling(
             settings.weighting_scheme, batch_size, logit_mean=settings.logit_mean, logit_std=settings.logit_std,
             mode_scale=settings.mode_scale, device=device, generator=generator,
         )
-        indices = (u * self.num_train_timesteps).long().clamp_(max=self.num_train_timesteps - 1).cpu()
-        return self.timesteps[indices].to(device), self.sigmas[indices].to(device)
+        indices = (u * self.num_train_timesteps).long().clamp_(max=self.num_train_timesteps - 1)
+        if self._on_device is None or self._on_device[0].device != indices.device:
+            self._on_device = (self.timesteps.to(indices.device), self.sigmas.to(indices.device))
+        timesteps, sigmas = self._on_device
+        return timesteps[indices], sigmas[indices]
 
 
 def noisy_latents(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
