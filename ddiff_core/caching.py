@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ddiff_core.atomic import atomic_write
+from ddiff_core.speed import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +123,7 @@ class TrainingFeatures:
     """What one batch trains on: latent parameters and text embeddings, from a cache or computed now.
 
     The loop asks this object; whether a cache exists is its business, not the loop's. Cached rows stay in host memory
-    and go to a CUDA device from pinned memory without blocking: a copy from pageable memory would make the host wait
-    for the GPU's queued work at every micro-batch.
+    and are copied to the device without blocking (``to_device``).
     """
 
     def __init__(self, family, components, *, device, max_sequence_length: int,
@@ -132,19 +132,14 @@ class TrainingFeatures:
         self.max_sequence_length = max_sequence_length
         self.latent_cache, self.text_cache = latent_cache, text_cache
 
-    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor.to(self.device)
-
     def latent_params(self, batch: dict) -> torch.Tensor:
         if self.latent_cache is not None:
-            return self._to_device(self.latent_cache.lookup(batch["indices"])["latent_dist"])
+            return to_device(self.latent_cache.lookup(batch["indices"])["latent_dist"], self.device)
         return self.family.encode_images(self.components["vae"], batch["pixels"].to(self.device)).float()
 
     def text_embeds(self, batch: dict) -> dict[str, torch.Tensor]:
         if self.text_cache is not None:
-            return {k: self._to_device(v) for k, v in self.text_cache.lookup(batch["indices"]).items()}
+            return {k: to_device(v, self.device) for k, v in self.text_cache.lookup(batch["indices"]).items()}
         return self.family.encode_prompts(
             self.components, batch["captions"], device=self.device, max_sequence_length=self.max_sequence_length
         )

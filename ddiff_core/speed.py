@@ -102,6 +102,14 @@ def uncheckpoint_blocks(denoiser, family) -> None:
             del block._ddiff_checkpointed
 
 
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor's copy on ``device`` that does not make the host wait for the GPU's queued work, as a blocking
+    copy does (torch synchronizes the stream after it): once per micro-batch, that would stop the host from queueing
+    the next step's kernels while the GPU works. Safe from host to device: the driver has read (staged) the host
+    memory by the time the call returns."""
+    return tensor.to(device, non_blocking=True)
+
+
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 

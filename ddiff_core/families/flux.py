@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ddiff_core.families.flow_matching import ATTENTION_TARGETS, DOUBLE_STREAM_TARGETS, FlowMatchingFamily
@@ -9,6 +11,15 @@ from ddiff_core.families.flow_matching import ATTENTION_TARGETS, DOUBLE_STREAM_T
 # The single-stream blocks' linear layers; the top-level proj_out is not one of them (a full-match regex below).
 _SINGLE = r"single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out)"
 _DOUBLE = r"transformer_blocks\.\d+\.(" + "|".join(t.replace(".", r"\.") for t in DOUBLE_STREAM_TARGETS) + ")"
+
+
+@functools.lru_cache(maxsize=32)
+def latent_image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The packed latents' position ids, made once per frame, device and dtype: the pipeline's helper builds them on
+    the host and copies them over, which would make the host wait for the GPU at every micro-batch. Read-only."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline._prepare_latent_image_ids(1, height, width, device, dtype)
 
 
 class FluxFamily(FlowMatchingFamily):
@@ -42,7 +53,7 @@ class FluxFamily(FlowMatchingFamily):
         bsz, channels, height, width = noisy.shape
         device, dtype = noisy.device, noisy.dtype
         packed = FluxPipeline._pack_latents(noisy, bsz, channels, height, width)
-        image_ids = FluxPipeline._prepare_latent_image_ids(bsz, height // 2, width // 2, device, dtype)
+        image_ids = latent_image_ids(height // 2, width // 2, device, dtype)
         prompt_embeds = embeds["prompt_embeds"].to(device, dtype)
         text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype)
         guidance = None

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from ddiff_core.config import LossSettings
 from ddiff_core.families.base import ModelFamily, TrainingObjective
+from ddiff_core.speed import to_device
 
 _UNET_ATTENTION = ["to_k", "to_q", "to_v", "to_out.0"]
 
@@ -124,4 +125,4 @@ class SDXLFamily(UNetFamily):
             original, crop = conditioning["original_size"], conditioning["crop_top_left"]
         time_ids = torch.cat([original.float(), crop.float(), target.float().expand(bsz, 2)], dim=1)
         return {"added_cond_kwargs": {"text_embeds": embeds["pooled_prompt_embeds"].to(device, dtype),
-                                      "time_ids": time_ids.to(device, dtype)}}
+                                      "time_ids": to_device(time_ids, device).to(dtype)}}
