@@ -39,13 +39,39 @@ def compile_blocks(denoiser, family, *, mode: str | None = None) -> int:
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
     blocks = repeated_blocks(denoiser, family)
     for block in blocks:
+        if _holds_tensor_subclass(block):
+            block._ddiff_forward_before_copy = block.__dict__.get("forward")
+            block.forward = functools.partial(_outputs_copied, block.forward)
         block.compile(dynamic=False, mode=mode)
     return len(blocks)
+
+
+def _holds_tensor_subclass(block) -> bool:
+    """Whether the block's weights are tensor subclasses (torchao's int8/fp8 weights)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    return any(is_traceable_wrapper_subclass(p) for p in block.parameters())
+
+
+def _outputs_copied(forward, *args, **kwargs):
+    """The block's outputs as tensors of their own. With tensor-subclass weights, AOT autograd refuses a graph whose
+    outputs alias one another, and FLUX's single-stream block returns two views of one tensor; inside the compiled
+    graph the copy is written by the kernel that computes it."""
+    out = forward(*args, **kwargs)
+    if isinstance(out, tuple):
+        return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in out)
+    return out
 
 
 def uncompile_blocks(denoiser, family) -> None:
     for block in repeated_blocks(denoiser, family):
         block._compiled_call_impl = None
+        if "_ddiff_forward_before_copy" in block.__dict__:
+            before = block.__dict__.pop("_ddiff_forward_before_copy")
+            if before is None:
+                del block.forward  # the class's forward again
+            else:
+                block.forward = before  # the checkpointing wrapper
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ddiff_core.builders import add_trainable_lora
+from ddiff_core.builders import add_trainable_lora, load_base, remove_trainable_lora
 from ddiff_core.config import ConfigError, parse_config
 from ddiff_core.families import get_family
 from ddiff_core.memory import estimate_peak, out_of_memory_advice
@@ -55,6 +55,27 @@ def test_an_int8_base_trains_resumes_exactly_and_its_lora_loads_into_the_full_pr
     base = image()
     pipe.load_lora_weights(str(tmp_path / "full"))
     assert not torch.allclose(base, image(), atol=1e-4)
+
+
+@needs_torchao
+def test_an_int8_base_compiles_and_trains_as_eager(tiny_flux, tmp_path):
+    """torchao's int8 weights are tensor subclasses: AOT autograd then refuses aliased block outputs (FLUX's
+    single-stream block returns two views of one tensor), so ddiff's compiled blocks return copies."""
+    args = ["--base_quantization", "int8", "--max_train_steps", "2", "--learning_rate", "5e-2", "--cache_latents"]
+    run_script("train_lora.py", train_args(tiny_flux, tmp_path / "eager", *args))
+    run_script("train_lora.py", train_args(tiny_flux, tmp_path / "compiled", *args, "--compile"))
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("eager", "compiled")]
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=0)
+
+    family = get_family("flux")  # the copying wrapper is undone with the compilation
+    denoiser = load_base(family, str(tiny_flux), dtype=torch.float32, device="cpu", quantization="int8")["transformer"]
+    add_trainable_lora(denoiser, family, rank=4, alpha=4, dropout=0.0, lora_layers=None, seed=0,
+                       gradient_checkpointing=True, checkpointing_interval=2, compile=True)
+    blocks = repeated_blocks(denoiser, family)
+    assert all("forward" in b.__dict__ for b in blocks)
+    remove_trainable_lora(denoiser, family)
+    assert not any("forward" in b.__dict__ or "_ddiff_forward_before_copy" in b.__dict__ for b in blocks)
 
 
 @pytest.mark.parametrize("flags, message", [
