@@ -60,13 +60,18 @@ def test_an_int8_base_trains_resumes_exactly_and_its_lora_loads_into_the_full_pr
 @needs_torchao
 def test_an_int8_base_compiles_and_trains_as_eager(tiny_flux, tmp_path):
     """torchao's int8 weights are tensor subclasses: AOT autograd then refuses aliased block outputs (FLUX's
-    single-stream block returns two views of one tensor), so ddiff's compiled blocks return copies."""
+    single-stream block returns two views of one tensor), so ddiff's compiled blocks return copies. Validation runs
+    on the quantized denoiser in between."""
     args = ["--base_quantization", "int8", "--max_train_steps", "2", "--learning_rate", "5e-2", "--cache_latents"]
     run_script("train_lora.py", train_args(tiny_flux, tmp_path / "eager", *args))
-    run_script("train_lora.py", train_args(tiny_flux, tmp_path / "compiled", *args, "--compile"))
+    run_script("train_lora.py", train_args(tiny_flux, tmp_path / "compiled", *args, "--compile", "--validation_prompt",
+                                           "a cat", "--validation_steps", "1", "--num_validation_images", "1",
+                                           "--validation_inference_steps", "2"))
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
               for run in ("eager", "compiled")]
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=0)
+    # Validation ran on the quantized denoiser, its blocks uncompiled, between the compiled steps.
+    assert (tmp_path / "compiled" / "validation" / "step-000002.png").is_file()
 
     family = get_family("flux")  # the copying wrapper is undone with the compilation
     denoiser = load_base(family, str(tiny_flux), dtype=torch.float32, device="cpu", quantization="int8")["transformer"]
