@@ -361,7 +361,7 @@ SHARED_ONLY = ("pretrained_model_name_or_path", "revision", "variant", "model_fa
                "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to", "logging_dir", "allow_tf32",
                "base_quantization", "bnb_quantization_config_path", "do_fp8_training", "offload", "offload_vae")
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-RESERVED_RUN_NAMES = {"eval", "logs", "cache", "launch.json"}  # what a launch or the evaluation writes beside the runs
+RESERVED_RUN_NAMES = {"eval", "eval-ema", "logs", "cache", "launch.json"}  # what a launch or the evaluation writes beside the runs
 MAX_RUNS = 256
 
 

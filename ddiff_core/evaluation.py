@@ -33,7 +33,7 @@ from ddiff_core.caching import fingerprint
 from ddiff_core.checkpoint import file_sha256
 from ddiff_core.config import ConfigError, TrainConfig, _coerce_all, load_yaml_mapping
 from ddiff_core.data import HOLDOUT_FILE, BadImage, DataError, decode_image, load_records, read_holdout, screen_records
-from ddiff_core.lora import LORA_WEIGHTS_NAME
+from ddiff_core.lora import EMA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
 from ddiff_core.serving.adapters import AdapterBank, LoraInfo, StaticCatalog, lora_info, scan_lora_dir
 from ddiff_core.validation import image_grid
 
@@ -242,14 +242,18 @@ def reference_images(run: LoraInfo, config: TrainConfig, reference_dir: Path | N
     return images, f"{len(held)} held-out stills"
 
 
-def find_loras(lora_dir: Path) -> list[LoraInfo]:
+WEIGHTS = {"final": LORA_WEIGHTS_NAME, "ema": EMA_WEIGHTS_NAME}  # --weights: which file of each run is evaluated
+
+
+def find_loras(lora_dir: Path, weight_name: str = LORA_WEIGHTS_NAME) -> list[LoraInfo]:
     """The LoRA folder itself, or every LoRA folder in it (a launch's output folder)."""
     lora_dir = Path(lora_dir)
-    if (lora_dir / LORA_WEIGHTS_NAME).is_file():
-        return [lora_info(lora_dir, lora_dir.parent)]
-    found = scan_lora_dir(lora_dir)
+    if (lora_dir / weight_name).is_file():
+        return [lora_info(lora_dir, lora_dir.parent, weight_name)]
+    found = scan_lora_dir(lora_dir, weight_name)
     if not found:
-        raise EvalError(f"no LoRA in {lora_dir} (a folder holding {LORA_WEIGHTS_NAME}, or folders that do)")
+        hint = " (trained with --use_ema?)" if weight_name == EMA_WEIGHTS_NAME else ""
+        raise EvalError(f"no LoRA in {lora_dir} (a folder holding {weight_name}, or folders that do){hint}")
     return found
 
 
@@ -257,13 +261,15 @@ def find_loras(lora_dir: Path) -> list[LoraInfo]:
 class Evaluation:
     def __init__(self, lora_dir: Path, output_dir: Path, settings: EvalSettings, *, clip_model: str,
                  reference_dir: Path | None = None, base_model: str | None = None, device=None,
-                 dtype: torch.dtype = torch.float32):
-        self.settings, self.clip_model = settings, clip_model
+                 dtype: torch.dtype = torch.float32, weights: str = "final"):
+        if weights not in WEIGHTS:
+            raise EvalError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+        self.settings, self.clip_model, self.weights = settings, clip_model, weights
         self.output_dir = Path(output_dir)
         self.reference_dir = Path(reference_dir) if reference_dir else None
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype
-        self.runs = find_loras(Path(lora_dir))
+        self.runs = find_loras(Path(lora_dir), WEIGHTS[weights])
         self.root = Path(lora_dir)
         for run in self.runs:
             if run.error:
@@ -305,7 +311,7 @@ class Evaluation:
         references = hashlib.sha256()
         for image in self.references[run.name][0]:
             references.update(f"{image.size}".encode() + image.tobytes())
-        return fingerprint({"format": EVAL_FORMAT, "lora": file_sha256(run.path / LORA_WEIGHTS_NAME),
+        return fingerprint({"format": EVAL_FORMAT, "lora": file_sha256(run.path / run.weight_name),
                             "references": references.hexdigest(), "prompts": self.prompts[run.name],
                             "settings": dataclasses.asdict(self._run_settings(config)),
                             **models, "dtype": str(self.dtype)})
@@ -405,7 +411,8 @@ class Evaluation:
                                      "lora": _mean(cosine_to(e["lora"], centroids[i]))},
                 "identified_as_own": {"base": _share(base_near, i), "lora": _share(lora_near, i)},
             }
-        report = {"clip_model": self.clip_model, "base_model": self.base_model, "directors": directors,
+        report = {"clip_model": self.clip_model, "base_model": self.base_model, "weights": self.weights,
+                  "directors": directors,
                   "confusion": {"labels": names, "lora": confusion_matrix(true, predicted_lora, len(names)),
                                 "base": confusion_matrix(true, predicted_base, len(names))}}
         atomic_write_text(self.output_dir / "report.json", json.dumps(report, indent=1) + "\n")
@@ -423,7 +430,8 @@ def _share(predicted: torch.Tensor, own: int) -> float:
 
 
 def render_markdown(report: dict) -> str:
-    lines = ["# Evaluation", "", f"CLIP model `{report['clip_model']}`, base model `{report['base_model']}`.", "",
+    lines = ["# Evaluation", "", f"CLIP model `{report['clip_model']}`, base model `{report['base_model']}`, LoRA weights: "
+             f"{'the EMA' if report.get('weights') == 'ema' else 'as trained'}.", "",
              "Higher is better. Base: the same pipeline with the adapter off, same prompts and seeds.", ""]
     for name, d in report["directors"].items():
         lines += [f"## {name}", "", f"{len(d['prompts'])} prompts x {len(d['seeds'])} seeds; references: "

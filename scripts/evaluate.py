@@ -32,6 +32,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=8, help="images per pipeline call")
     parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                         help="pipeline dtype (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--weights", default="final", choices=["final", "ema"],
+                        help="each run's trained LoRA, or its EMA (runs trained with --use_ema; default output folder "
+                             "LORA_DIR/eval-ema)")
     return parser.parse_args(argv)
 
 
@@ -67,9 +70,11 @@ def main(argv=None) -> int:
         settings = EvalSettings(seeds=seeds, num_inference_steps=args.num_inference_steps,
                                 guidance_scale=args.guidance_scale, resolution=args.resolution, prompts=prompts,
                                 batch_size=args.batch_size)
-        evaluation = Evaluation(Path(args.lora_dir), Path(args.output_dir or Path(args.lora_dir) / "eval"), settings,
+        default_out = Path(args.lora_dir) / ("eval" if args.weights == "final" else "eval-ema")
+        evaluation = Evaluation(Path(args.lora_dir), Path(args.output_dir or default_out), settings,
                                 clip_model=args.clip_model, reference_dir=args.reference_dir,
-                                base_model=args.pretrained_model_name_or_path, dtype=dtype_of(precision))
+                                base_model=args.pretrained_model_name_or_path, dtype=dtype_of(precision),
+                                weights=args.weights)
         report = evaluation.run()
     except (EvalError, DataError, UnknownModelError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

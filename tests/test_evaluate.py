@@ -47,7 +47,7 @@ def trained(tmp_path_factory, tiny_flux):
     config.write_text(yaml.safe_dump({
         "pretrained_model_name_or_path": str(tiny_flux), "output_dir": str(root / "loras"), "resolution": 64,
         "train_batch_size": 2, "max_train_steps": 6, "learning_rate": 1e-2, "max_sequence_length": 32, "seed": 0,
-        "report_to": "none", "cache_latents": True, "holdout": 3,
+        "report_to": "none", "cache_latents": True, "holdout": 3, "use_ema": True, "ema_decay": 0.5,
         "runs": [{"name": n, "instance_data_dir": str(directors[n]),
                   "validation_prompt": f"<{n}-style> a cat on a table|<{n}-style> a rocket at night"}
                  for n in ("teal", "noir")]}))
@@ -93,6 +93,26 @@ def test_evaluation_writes_a_deterministic_report_and_resumes_per_lora(trained, 
     # Other settings are another evaluation, not a reuse.
     assert _evaluate(capsys, root / "loras", tmp_path / "a", clip, "--seeds", "0")[0] == 0
     assert json.loads((tmp_path / "a" / "report.json").read_text())["directors"]["noir"]["images"] == 2
+
+
+def test_the_ema_weights_are_evaluated_when_asked(trained, tmp_path, capsys):
+    root, clip = trained
+    assert _evaluate(capsys, root / "loras", tmp_path / "final", clip)[0] == 0
+    code, err = run_main("evaluate.py", ["--lora_dir", str(root / "loras"), "--clip_model", str(clip), "--seeds", "0,1",
+                                         "--num_inference_steps", "2", "--weights", "ema"], capsys)
+    assert code == 0, err
+    final, ema = (json.loads((d / "report.json").read_text()) for d in (tmp_path / "final", root / "loras" / "eval-ema"))
+    assert final["weights"] == "final" and ema["weights"] == "ema"
+    for name in ("noir", "teal"):  # the same base images; the LoRA images from another set of weights
+        a, b = final["directors"][name]["style_similarity"], ema["directors"][name]["style_similarity"]
+        assert a["base"] == b["base"] and a["lora"] != b["lora"]
+    lone = tmp_path / "lone"  # a run without an EMA
+    lone.mkdir()
+    for f in (root / "loras" / "noir").iterdir():
+        if f.is_file() and f.name != "pytorch_lora_weights_ema.safetensors":
+            (lone / f.name).write_bytes(f.read_bytes())
+    code, err = _evaluate(capsys, lone, tmp_path / "x", clip, "--weights", "ema")
+    assert code == 2 and "trained with --use_ema?" in err and len(err.strip().splitlines()) == 1
 
 
 def test_evaluation_refuses_bad_input_in_one_line(trained, tmp_path, capsys):

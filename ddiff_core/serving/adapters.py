@@ -35,6 +35,7 @@ class LoraInfo:
     trigger: str | None
     stamp: tuple = ()  # (size, mtime) of the weights file: a change means a retrained LoRA
     error: str | None = None  # why it cannot be served, or None
+    weight_name: str = LORA_WEIGHTS_NAME  # the weights file in the folder (the EMA copy for an evaluation of it)
 
     @property
     def adapter(self) -> str:
@@ -48,20 +49,20 @@ def _card_trigger(card: Path) -> str | None:
     return None if not match or match.group(1) == "null" else match.group(1)
 
 
-def _problem(folder: Path, root: Path) -> str | None:
+def _problem(folder: Path, root: Path, weight_name: str = LORA_WEIGHTS_NAME) -> str | None:
     """Why a LoRA folder cannot be served (checked before diffusers sees it), or None."""
-    weights = folder / LORA_WEIGHTS_NAME
+    weights = folder / weight_name
     if folder.is_symlink() or weights.is_symlink():
         return "a symlink (only plain folders and files are served)"
     size = weights.stat().st_size
     if size > MAX_LORA_BYTES:
-        return f"{LORA_WEIGHTS_NAME} is {size / 2**30:.1f} GiB, over the {MAX_LORA_BYTES / 2**30:.0f} GiB limit"
+        return f"{weight_name} is {size / 2**30:.1f} GiB, over the {MAX_LORA_BYTES / 2**30:.0f} GiB limit"
     try:
         with safe_open(str(weights), framework="pt") as f:
             if not list(f.keys()):
-                return f"{LORA_WEIGHTS_NAME} holds no tensors"
+                return f"{weight_name} holds no tensors"
     except Exception as err:  # whatever the file is, the server goes on
-        return f"{LORA_WEIGHTS_NAME} is not a readable safetensors file ({_scrub(str(err), root)})"
+        return f"{weight_name} is not a readable safetensors file ({_scrub(str(err), root)})"
     return None
 
 
@@ -73,29 +74,29 @@ def _scrub(message: str, root: Path) -> str:
     return re.sub(r"(/[^\s'\"]+)+", "<path>", message)[:200]
 
 
-def lora_info(folder: Path, root: Path) -> LoraInfo:
-    """One LoRA folder (holding ``pytorch_lora_weights.safetensors``), checked, not loaded; ``root`` is scrubbed
-    from messages."""
+def lora_info(folder: Path, root: Path, weight_name: str = LORA_WEIGHTS_NAME) -> LoraInfo:
+    """One LoRA folder (holding ``weight_name``, by default ``pytorch_lora_weights.safetensors``), checked, not
+    loaded; ``root`` is scrubbed from messages."""
     try:
-        return LoraInfo(folder.name, folder, _card_trigger(folder / "README.md"), _file_stamp(folder / LORA_WEIGHTS_NAME),
-                        _problem(folder, root))
+        return LoraInfo(folder.name, folder, _card_trigger(folder / "README.md"), _file_stamp(folder / weight_name),
+                        _problem(folder, root, weight_name), weight_name)
     except OSError as err:  # unreadable, or removed while listed: shown as unavailable, the rest is served
-        return LoraInfo(folder.name, folder, None, (), f"unreadable ({err.strerror})")
+        return LoraInfo(folder.name, folder, None, (), f"unreadable ({err.strerror})", weight_name)
 
 
-def scan_lora_dir(lora_dir: Path) -> list[LoraInfo]:
-    """Sub-folders holding ``pytorch_lora_weights.safetensors``, sorted by name; each checked, none loaded."""
+def scan_lora_dir(lora_dir: Path, weight_name: str = LORA_WEIGHTS_NAME) -> list[LoraInfo]:
+    """Sub-folders holding ``weight_name``, sorted by name; each checked, none loaded."""
     lora_dir = Path(lora_dir)
     if not lora_dir.is_dir():
         return []
     found = []
     for folder in sorted(lora_dir.iterdir()):
         try:
-            if folder.name.startswith(".") or not folder.is_dir() or not (folder / LORA_WEIGHTS_NAME).is_file():
+            if folder.name.startswith(".") or not folder.is_dir() or not (folder / weight_name).is_file():
                 continue
         except OSError:
             continue
-        found.append(lora_info(folder, lora_dir))
+        found.append(lora_info(folder, lora_dir, weight_name))
     return found
 
 
@@ -204,7 +205,7 @@ class AdapterBank:
 
     def _load(self, item: LoraInfo) -> str | None:
         try:
-            self.pipeline.load_lora_weights(str(item.path), weight_name=LORA_WEIGHTS_NAME, adapter_name=item.adapter,
+            self.pipeline.load_lora_weights(str(item.path), weight_name=item.weight_name, adapter_name=item.adapter,
                                             use_safetensors=True)
             return None
         except Exception as err:  # a LoRA for another model, a broken file: the server goes on
