@@ -214,7 +214,7 @@ def render(paths: list[Path]) -> str:
             interval = e["checkpointing_interval"]
             ckpt = "off" if not interval else ("every block" if interval == 1 else f"1 block in {interval}")
             mem = f"{e['peak_mem_mb'] / 1024:.1f} GiB" if e.get("peak_mem_mb") else "n/a"
-            casts = "kept" if e.get("peft_input_casts") else "skipped"
+            casts = {True: "kept", False: "skipped"}.get(e.get("peft_input_casts"), "n/a")
             lines.append(f"| {e['resolution']} px | {e['batch']} | {'on' if e['compile'] else 'off'} | {ckpt} | "
                          f"{casts} | {b['stats']['median']:.3f} | {mem} | {e['step_tflop']:.1f} | "
                          f"{e.get('mfu', float('nan')) * 100:.1f}% | {e.get('graphs', 'n/a')} | "

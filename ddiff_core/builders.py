@@ -33,16 +33,18 @@ def load_base(family, path: str, *, dtype: torch.dtype, device, revision: str | 
 
 def add_trainable_lora(denoiser, family, *, rank: int, alpha: int, dropout: float, lora_layers: str | None, seed: int,
                        gradient_checkpointing: bool = False, checkpointing_interval: int = 1,
-                       compile: bool = False) -> LoraConfig:
+                       compile: bool = False, autocast: bool | None = None) -> LoraConfig:
     """Adds the LoRA (its initial weights depend on ``seed`` alone), in fp32 whatever the frozen weights' dtype; then
     gradient checkpointing (every block, or every ``checkpointing_interval``-th repeated block) and regional
-    compilation, in that order, so each compiled block holds its LoRA. Under mixed precision, peft's exact round-trip
-    casts of the LoRA inputs are skipped (``skip_lora_input_casts``)."""
+    compilation, in that order, so each compiled block holds its LoRA. When the step runs under ``autocast`` (None:
+    whenever the frozen weights are bf16/fp16, as ddiff runs them), peft's exact round-trip casts of the LoRA inputs
+    are skipped (``skip_lora_input_casts``)."""
     torch.manual_seed(seed)
     config = add_lora(denoiser, family, rank=rank, alpha=alpha, dropout=dropout, lora_layers=lora_layers)
     for param in trainable_params(denoiser):
         param.data = param.data.float()
-    skip_lora_input_casts(denoiser)
+    if autocast is not False:
+        skip_lora_input_casts(denoiser)
     if gradient_checkpointing and checkpointing_interval == 1:
         denoiser.enable_gradient_checkpointing()
     elif gradient_checkpointing:

@@ -131,8 +131,11 @@ def uncheckpoint_blocks(denoiser, family) -> None:
 def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
     """A host tensor's copy on ``device`` that does not make the host wait for the GPU's queued work, as a blocking
     copy does (torch synchronizes the stream after it): once per micro-batch, that would stop the host from queueing
-    the next step's kernels while the GPU works. Safe from host to device: the driver has read (staged) the host
-    memory by the time the call returns."""
+    the next step's kernels while the GPU works. To CUDA it goes from pinned memory (a copy from pageable memory may
+    still wait, to stage it); torch's pinned-memory cache keeps each block until its copy is done."""
+    device = torch.device(device)
+    if device.type == "cuda" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
 
 
@@ -140,7 +143,8 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def skip_lora_input_casts(denoiser) -> int:
-    """Turns off peft's cast of each LoRA layer's input to the LoRA's dtype, where autocast makes it a round trip.
+    """Turns off peft's cast of each LoRA layer's input to the LoRA's dtype, where autocast makes it a round trip
+    (call it only for a model whose forward runs under autocast: without it the dtypes would not meet).
 
     The frozen weights are bf16 (or fp16) and the LoRA fp32, so the step runs under autocast. peft then casts each
     LoRA layer's half-precision input up to fp32, and autocast casts it straight back down for the matmul: two

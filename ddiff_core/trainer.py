@@ -331,7 +331,7 @@ class LoraTrainer:
                                               dropout=cfg.lora_dropout, lora_layers=cfg.lora_layers, seed=self.seed,
                                               gradient_checkpointing=cfg.gradient_checkpointing,
                                               checkpointing_interval=cfg.gradient_checkpointing_interval,
-                                              compile=cfg.compile)
+                                              compile=cfg.compile, autocast=acc.native_amp)
         self.graphs_at_start = compiled_graphs()
         if acc.scaler is not None:  # fp16: each run starts from a fresh loss scale, as a launch of its own does
             acc.scaler = get_grad_scaler(acc.distributed_type, **(acc.scaler_handler.to_kwargs()
@@ -492,10 +492,10 @@ class LoraTrainer:
                     # One collective and one host-device sync per optimizer step: the loss for the log, and whether
                     # any process was asked to stop (all must stop at the same step).
                     agreed = acc.reduce(torch.stack([torch.stack(group_losses).mean().float(),
-                                                     torch.tensor(float(self._stop_signal), device=acc.device)]),
+                                                     torch.full((), float(self._stop_signal), device=acc.device)]),
                                         reduction="sum")
                     agreed[0] /= acc.num_processes  # the mean loss, as reduce(..., "mean") computes it
-                    step_loss, stop = agreed[0].item(), bool(agreed[1].item())
+                    step_loss, stop = agreed.tolist()
                     if not math.isfinite(step_loss):
                         self._non_finite(step_loss, group_indices)
                     if cfg.max_grad_norm > 0:
@@ -511,7 +511,7 @@ class LoraTrainer:
                     self._log_step(step_loss, seconds, group_len * cfg.train_batch_size * acc.num_processes)
                     progress.update(1)
                     progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
-                    self._after_step(stop)
+                    self._after_step(stop > 0)
                     group_losses, group_indices, step_start = [], [], time.perf_counter()
                     if self.global_step >= self.max_train_steps:
                         break

@@ -85,14 +85,21 @@ def test_skipping_peft_input_casts_under_autocast_changes_no_bit_and_casts_less(
     assert skipped[2] < cast[2] - 2 * len(layers)  # at least the input's up-cast and its gradient's, per layer
 
 
-def test_input_casts_stay_where_they_are_not_a_round_trip(tiny_flux):
+def test_input_casts_stay_where_they_are_not_a_round_trip(tiny_flux, tmp_path):
     from peft.tuners.lora import LoraLayer
 
     family = get_family("flux")
-    for dtype, dropout in [(torch.float32, 0.0), (torch.bfloat16, 0.1)]:  # no autocast; dropout in another dtype
+    # fp32 weights (no autocast); dropout (it would run in another dtype); a caller that runs without autocast
+    for dtype, dropout, autocast in [(torch.float32, 0.0, None), (torch.bfloat16, 0.1, None),
+                                     (torch.float16, 0.0, False)]:
         denoiser = family.load_components(str(tiny_flux), dtype=dtype)[family.denoiser_name]
-        add_trainable_lora(denoiser, family, rank=4, alpha=4, dropout=dropout, lora_layers=None, seed=0)
+        add_trainable_lora(denoiser, family, rank=4, alpha=4, dropout=dropout, lora_layers=None, seed=0,
+                           autocast=autocast)
         assert all(m.cast_input_dtype_enabled for m in denoiser.modules() if isinstance(m, LoraLayer))
+    # accelerate runs fp16 on the CPU without autocast: the trainer keeps peft's casts, which make the dtypes meet
+    run_script("train_lora.py", train_args(tiny_flux, tmp_path / "fp16", "--max_train_steps", "1",
+                                           "--mixed_precision", "fp16"))
+    assert _losses(tmp_path / "fp16").isfinite().all()
 
 
 @pytest.mark.parametrize("checkpointing", [
