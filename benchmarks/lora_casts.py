@@ -1,11 +1,13 @@
 """peft's round-trip casts of the LoRA inputs, kept (peft's default) vs skipped (ddiff), in one cached bf16 step.
 
-    python -m benchmarks.lora_casts [--size small] [--pairs 40] [--output benchmarks/results/lora-casts-cpu.json]
+    python -m benchmarks.lora_casts [--size small] [--pairs 40] [--saved_bytes_resolution 1024]
+        [--output benchmarks/results/lora-casts-cpu.json]
 
 The frozen weights are bf16 and the LoRA fp32 under autocast, as the trainer runs them. Reported per step: the dtype
 casts (``aten::_to_copy`` calls) and the bytes they write, which do not depend on the machine; the step time, from
 the two variants interleaved in one process (kept, skipped, skipped, kept, ...) so that drift of a noisy machine
-falls on both alike; and whether the loss and every LoRA gradient are bitwise equal.
+falls on both alike; whether the loss and every LoRA gradient are bitwise equal; and the activations a block of
+FLUX.1-dev's width keeps for the backward either way (``saved_bytes_per_block``).
 """
 
 from __future__ import annotations
@@ -50,11 +52,61 @@ def _set_casts(denoiser, kept: bool) -> None:
         raise SystemExit("skip_lora_input_casts changed no layer of this bf16 model")
 
 
+def saved_bytes_per_block(resolution: int, text_tokens: int = 512) -> dict:
+    """Bytes each kind of block keeps for the backward at FLUX.1-dev's width (hidden 3072), with peft's input casts
+    kept and skipped: one double- and one single-stream block in a full-width FLUX, bf16, a rank-16 LoRA on every
+    linear layer, one forward under autocast. Counted (distinct storages each block saves), not timed, so a CPU
+    gives the figure a GPU would; the attention backend's own saved tensors are not what the casts change."""
+    from benchmarks.test_full_model import FLUX_DEV, build_full_flux
+    from ddiff_core.builders import add_trainable_lora
+    from ddiff_core.families import get_family
+
+    family = get_family("flux")
+    model = build_full_flux("cpu", **{**FLUX_DEV, "num_layers": 1, "num_single_layers": 1})
+    add_trainable_lora(model, family, rank=16, alpha=16, dropout=0.0, lora_layers=None, seed=0)
+    blocks = {"double": model.transformer_blocks[0], "single": model.single_transformer_blocks[0]}
+    side = resolution // 16
+    gen = torch.Generator().manual_seed(0)
+    inputs = dict(
+        hidden_states=torch.randn(1, side * side, FLUX_DEV["in_channels"], generator=gen, dtype=torch.bfloat16),
+        encoder_hidden_states=torch.randn(1, text_tokens, FLUX_DEV["joint_attention_dim"], generator=gen,
+                                          dtype=torch.bfloat16),
+        pooled_projections=torch.randn(1, FLUX_DEV["pooled_projection_dim"], generator=gen, dtype=torch.bfloat16),
+        timestep=torch.tensor([0.5], dtype=torch.bfloat16), guidance=torch.tensor([3.5], dtype=torch.bfloat16),
+        img_ids=torch.zeros(side * side, 3, dtype=torch.bfloat16), txt_ids=torch.zeros(text_tokens, 3, dtype=torch.bfloat16))
+    result = {}
+    for kept in (True, False):
+        _set_casts(model, kept)
+        current, seen, counts = [None], set(), {name: 0 for name in blocks}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if current[0] is not None and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                counts[current[0]] += storage.nbytes()
+            return tensor
+
+        handles = []
+        for name, block in blocks.items():
+            handles.append(block.register_forward_pre_hook(lambda m, a, name=name: current.__setitem__(0, name)))
+            handles.append(block.register_forward_hook(lambda m, a, o: current.__setitem__(0, None)))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+            out = model(**inputs, return_dict=False)[0]
+        del out
+        for handle in handles:
+            handle.remove()
+        result["kept" if kept else "skipped"] = counts
+    return {"resolution": resolution, "tokens": side * side + text_tokens, **result}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="small", choices=["tiny", "small"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--pairs", type=int, default=40)
+    parser.add_argument("--saved_bytes_resolution", type=int, default=1024,
+                        help="also count the activations a FLUX.1-dev-width block saves at this resolution (0: skip; "
+                             "1024 takes about 40 s and 4 GB)")
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "lora-casts-cpu.json")
     args = parser.parse_args(argv)
     t = _training(Env(size=args.size, device=args.device), weight_dtype=torch.bfloat16)
@@ -105,6 +157,8 @@ def main(argv=None) -> None:
                     "median_s": statistics.median(times[False])},
         "ratio_median": statistics.median(ratios), "ratio_q1": quartiles[0], "ratio_q3": quartiles[2],
     }
+    if args.saved_bytes_resolution:
+        result["saved_bytes"] = saved_bytes_per_block(args.saved_bytes_resolution)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1) + "\n")
     print(render(result))
@@ -123,7 +177,26 @@ def render(result: dict) -> str:
         f"| kept (peft's default) | {kept['casts']} | {kept['cast_mb']:.1f} | {kept['median_s'] * 1e3:.1f} ms |",
         f"| skipped (ddiff) | {skipped['casts']} | {skipped['cast_mb']:.1f} | {skipped['median_s'] * 1e3:.1f} ms |",
         f"| ratio | {kept['casts'] / skipped['casts']:.2f}x fewer | {kept['cast_mb'] / skipped['cast_mb']:.2f}x less | "
-        f"{result['ratio_median']:.2f} ({result['ratio_q1']:.2f}-{result['ratio_q3']:.2f}) |", ""])
+        f"{result['ratio_median']:.2f} ({result['ratio_q1']:.2f}-{result['ratio_q3']:.2f}) |", ""]
+        + _render_saved(result.get("saved_bytes")))
+
+
+def _render_saved(saved: dict | None) -> list[str]:
+    if not saved:
+        return []
+    mib = 2**20
+    kept, skipped = saved["kept"], saved["skipped"]
+    blocks = {"double": 19, "single": 38}  # FLUX.1-dev
+    total = sum(n * (kept[k] - skipped[k]) for k, n in blocks.items())
+    return [f"Activations kept for the backward at FLUX.1-dev's width (hidden 3072, rank-16 LoRA on every linear "
+            f"layer, {saved['resolution']} px, {saved['tokens']} tokens with the text), per block; counted on the CPU. "
+            "The totals include the CPU attention's own saved tensors, which differ on a GPU; the difference is the "
+            "LoRA inputs' copies alone, which do not.", "",
+            "| block | peft's casts kept | skipped | saved per block | FLUX.1-dev (19 double + 38 single) |",
+            "|---|---|---|---|---|"] + [
+            f"| {k}-stream | {kept[k] / mib:,.1f} MiB | {skipped[k] / mib:,.1f} MiB | "
+            f"{(kept[k] - skipped[k]) / mib:,.1f} MiB | {n * (kept[k] - skipped[k]) / 2**30:.2f} GiB |"
+            for k, n in blocks.items()] + [f"| all | | | | {total / 2**30:.2f} GiB less, without checkpointing |", ""]
 
 
 if __name__ == "__main__":

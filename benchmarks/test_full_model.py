@@ -221,8 +221,9 @@ def host_syncs(step) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def build_full_flux(device) -> torch.nn.Module:
-    """FLUX.1-dev's transformer with random bf16 weights, built on ``device`` (24 GB; no fp32 copy, no disk)."""
+def build_full_flux(device, **shape) -> torch.nn.Module:
+    """FLUX.1-dev's transformer (or ``shape``) with random bf16 weights, built on ``device`` (24 GB; no fp32 copy, no
+    disk)."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
@@ -230,7 +231,7 @@ def build_full_flux(device) -> torch.nn.Module:
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
-            model = FluxTransformer2DModel(**FLUX_DEV)
+            model = FluxTransformer2DModel(**(shape or FLUX_DEV))
     finally:
         torch.set_default_dtype(default_dtype)
     return model.requires_grad_(False)

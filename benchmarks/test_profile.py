@@ -25,7 +25,9 @@ def test_lora_casts_benchmark_counts_fewer_casts_for_the_same_bits(tmp_path, ben
     from benchmarks.lora_casts import main
 
     size = "tiny" if bench_env.size == "full" else bench_env.size
-    main(["--size", size, "--pairs", "2", "--output", str(tmp_path / "casts.json")])
+    main(["--size", size, "--pairs", "2", "--saved_bytes_resolution", "64", "--output", str(tmp_path / "casts.json")])
     result = json.loads((tmp_path / "casts.json").read_text())
     assert result["bitwise_equal"]
     assert result["skipped"]["casts"] < result["kept"]["casts"] and result["skipped"]["cast_mb"] < result["kept"]["cast_mb"]
+    saved = result["saved_bytes"]  # q, k and v read one input: saved once, not as a copy each
+    assert all(saved["skipped"][block] < saved["kept"][block] for block in ("double", "single"))
