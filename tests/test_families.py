@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from safetensors.torch import load_file
 
 from ddiff_core.families import available_families, get_family, resolve_family
@@ -63,6 +64,41 @@ def test_resume_from_a_checkpoint_is_exact(family_model, tmp_path):
     assert_resume_from_copy_is_exact(path, tmp_path, [
         "--max_train_steps", "6", "--checkpointing_steps", "3", "--gradient_accumulation_steps", "2",
         "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--learning_rate", "1e-3"])
+
+
+class _HostReads(TorchDispatchMode):
+    """Records the ops that bring a value back to the host (on a GPU each one waits for the queued work)."""
+
+    OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+           torch.ops.aten.masked_select.default, torch.ops.aten.unique_consecutive.default}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.OPS:
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_micro_batch_reads_no_value_back_to_the_host(family_model):
+    """The training loss and its backward (what runs per micro-batch) never ask for a value (item(), nonzero, ...):
+    only the loop's one read per optimizer step, for the log, may wait for the GPU."""
+    from ddiff_core.builders import add_trainable_lora
+    from ddiff_core.config import LossSettings
+
+    name, _, path = family_model
+    family = get_family(name)
+    components = family.load_components(str(path))
+    objective = family.training_objective(components, LossSettings.from_config())
+    denoiser = components[family.denoiser_name]
+    add_trainable_lora(denoiser, family, rank=4, alpha=4, dropout=0.0, lora_layers=None, seed=0)
+    embeds = family.encode_prompts(components, ["a cat", "a dog"], device="cpu", max_sequence_length=32)
+    latents = torch.randn(2, components["vae"].config.latent_channels, 8, 8)
+    with _HostReads() as reads:
+        objective.loss(denoiser, latents, embeds, torch.Generator().manual_seed(0)).backward()
+    assert reads.calls == []
 
 
 @pytest.mark.parametrize("family_model", [
