@@ -53,10 +53,11 @@ def _set_casts(denoiser, kept: bool) -> None:
 
 
 def saved_bytes_per_block(resolution: int, text_tokens: int = 512) -> dict:
-    """Bytes each kind of block keeps for the backward at FLUX.1-dev's width (hidden 3072), with peft's input casts
-    kept and skipped: one double- and one single-stream block in a full-width FLUX, bf16, a rank-16 LoRA on every
-    linear layer, one forward under autocast. Counted (distinct storages each block saves), not timed, so a CPU
-    gives the figure a GPU would; the attention backend's own saved tensors are not what the casts change."""
+    """Activation bytes each kind of block keeps for the backward at FLUX.1-dev's width (hidden 3072), batch 1, with
+    peft's input casts kept and skipped: one double- and one single-stream block in a full-width FLUX, bf16, ddiff's
+    default LoRA (rank 16, every linear layer of every block), one forward under autocast, inputs that need
+    gradients (as every block after the first sees them). Counted, not timed: the distinct storages each block saves,
+    parameters excluded."""
     from benchmarks.test_full_model import FLUX_DEV, build_full_flux
     from ddiff_core.builders import add_trainable_lora
     from ddiff_core.families import get_family
@@ -68,16 +69,18 @@ def saved_bytes_per_block(resolution: int, text_tokens: int = 512) -> dict:
     side = resolution // 16
     gen = torch.Generator().manual_seed(0)
     inputs = dict(
-        hidden_states=torch.randn(1, side * side, FLUX_DEV["in_channels"], generator=gen, dtype=torch.bfloat16),
+        hidden_states=torch.randn(1, side * side, FLUX_DEV["in_channels"], generator=gen, dtype=torch.bfloat16,
+                                  requires_grad=True),
         encoder_hidden_states=torch.randn(1, text_tokens, FLUX_DEV["joint_attention_dim"], generator=gen,
-                                          dtype=torch.bfloat16),
+                                          dtype=torch.bfloat16, requires_grad=True),
         pooled_projections=torch.randn(1, FLUX_DEV["pooled_projection_dim"], generator=gen, dtype=torch.bfloat16),
         timestep=torch.tensor([0.5], dtype=torch.bfloat16), guidance=torch.tensor([3.5], dtype=torch.bfloat16),
         img_ids=torch.zeros(side * side, 3, dtype=torch.bfloat16), txt_ids=torch.zeros(text_tokens, 3, dtype=torch.bfloat16))
     result = {}
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     for kept in (True, False):
         _set_casts(model, kept)
-        current, seen, counts = [None], set(), {name: 0 for name in blocks}
+        current, seen, counts = [None], set(parameters), {name: 0 for name in blocks}
 
         def pack(tensor):
             storage = tensor.untyped_storage()
@@ -188,10 +191,13 @@ def _render_saved(saved: dict | None) -> list[str]:
     kept, skipped = saved["kept"], saved["skipped"]
     blocks = {"double": 19, "single": 38}  # FLUX.1-dev
     total = sum(n * (kept[k] - skipped[k]) for k, n in blocks.items())
-    return [f"Activations kept for the backward at FLUX.1-dev's width (hidden 3072, rank-16 LoRA on every linear "
-            f"layer, {saved['resolution']} px, {saved['tokens']} tokens with the text), per block; counted on the CPU. "
-            "The totals include the CPU attention's own saved tensors, which differ on a GPU; the difference is the "
-            "LoRA inputs' copies alone, which do not.", "",
+    return [f"Activations (parameters excluded) kept for the backward at FLUX.1-dev's width (hidden 3072, ddiff's "
+            f"default rank-16 LoRA, {saved['resolution']} px, {saved['tokens']} tokens with the text, batch 1), per "
+            "block; counted on the CPU. The totals include what the CPU's attention saves, which differs on a GPU. "
+            "The difference is the cast copies of LoRA inputs: where layers share one input (q, k, v; the single "
+            "block's MLP), on any device; at batch 1 also to_out's, whose input is a view of the attention output, "
+            "which flash attention (the CPU's here, and CUDA's) saves anyway; at batch 2 and more that view is "
+            "copied, and that part (a third of the double block's) goes.", "",
             "| block | peft's casts kept | skipped | saved per block | FLUX.1-dev (19 double + 38 single) |",
             "|---|---|---|---|---|"] + [
             f"| {k}-stream | {kept[k] / mib:,.1f} MiB | {skipped[k] / mib:,.1f} MiB | "

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import json
 import logging
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,15 +248,49 @@ def reference_images(run: LoraInfo, config: TrainConfig, reference_dir: Path | N
 WEIGHTS = {"final": LORA_WEIGHTS_NAME, "ema": EMA_WEIGHTS_NAME}  # --weights: which file of each run is evaluated
 
 
+MAX_DONE_BYTES = 1 << 20
+MAX_EMBEDDINGS_BYTES = 512 << 20
+
+
+def _plain_file(path: Path, limit: int) -> bool:
+    """A regular file (not a symlink, FIFO or device) of at most ``limit`` bytes."""
+    try:
+        info = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size <= limit
+
+
+def local_key() -> bytes:
+    """A random key kept on this machine, never in a LoRA or output folder (``$XDG_CACHE_HOME/ddiff``, else
+    ``~/.cache/ddiff``): it seals each LoRA's done.json, so results planted in a folder someone hands over are
+    evaluated again, not reported."""
+    path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ddiff" / "evaluation.key"
+    if not (_plain_file(path, 32) and path.stat().st_size == 32):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: tmp.write_bytes(os.urandom(32)))
+        os.chmod(path, 0o600)
+    return path.read_bytes()
+
+
 def find_loras(lora_dir: Path, weight_name: str = LORA_WEIGHTS_NAME) -> list[LoraInfo]:
-    """The LoRA folder itself, or every LoRA folder in it (a launch's output folder)."""
+    """The LoRA folder itself, or every LoRA folder in it (a launch's output folder).
+
+    Raises:
+        EvalError: no LoRA; or, for the EMA copies, a LoRA without one (leaving it out would evaluate the others
+            among fewer directors, which changes what the numbers mean).
+    """
     lora_dir = Path(lora_dir)
+    if weight_name != LORA_WEIGHTS_NAME:
+        lacking = [run.name for run in find_loras(lora_dir) if not (run.path / weight_name).is_file()]
+        if lacking:
+            raise EvalError(f"{', '.join(lacking)}: no {weight_name} (trained without --use_ema); evaluate with "
+                            "--weights final, or name a folder whose runs all have one")
     if (lora_dir / weight_name).is_file():
         return [lora_info(lora_dir, lora_dir.parent, weight_name)]
     found = scan_lora_dir(lora_dir, weight_name)
     if not found:
-        hint = " (trained with --use_ema?)" if weight_name == EMA_WEIGHTS_NAME else ""
-        raise EvalError(f"no LoRA in {lora_dir} (a folder holding {weight_name}, or folders that do){hint}")
+        raise EvalError(f"no LoRA in {lora_dir} (a folder holding {weight_name}, or folders that do)")
     return found
 
 
@@ -307,6 +344,11 @@ class Evaluation:
         return prompts
 
     def _key(self, run: LoraInfo, models: dict) -> str:
+        """What this LoRA's evaluation depends on, sealed with this machine's key (``local_key``): an output folder
+        that came with a received LoRA folder can hold a done.json, but not one this machine would accept."""
+        return hmac.new(local_key(), self._fingerprint(run, models).encode(), hashlib.sha256).hexdigest()
+
+    def _fingerprint(self, run: LoraInfo, models: dict) -> str:
         config = self.configs[run.name]
         references = hashlib.sha256()
         for image in self.references[run.name][0]:
@@ -345,7 +387,8 @@ class Evaluation:
 
     def _done(self, run: LoraInfo, key: str) -> bool:
         try:
-            return json.loads((self._folder(run) / "done.json").read_text()).get("key") == key
+            path = self._folder(run) / "done.json"
+            return _plain_file(path, MAX_DONE_BYTES) and json.loads(path.read_text()).get("key") == key
         except (OSError, ValueError):
             return False
 
@@ -392,6 +435,10 @@ class Evaluation:
     # -- the report ----------------------------------------------------------------------------------------------
     def _report(self) -> dict:
         names = [run.name for run in self.runs]
+        for name in names:  # written by this machine just now or earlier (done.json's sealed key said so)
+            for file, limit in (("embeddings.safetensors", MAX_EMBEDDINGS_BYTES), ("done.json", MAX_DONE_BYTES)):
+                if not _plain_file(self.output_dir / name / file, limit):
+                    raise EvalError(f"{self.output_dir / name / file} is not a plain file of at most {limit} bytes")
         embeds = {name: load_file(self.output_dir / name / "embeddings.safetensors") for name in names}
         centroids = torch.stack([centroid(embeds[name]["references"]) for name in names])
         directors, true, predicted_lora, predicted_base = {}, [], [], []

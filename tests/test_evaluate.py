@@ -112,7 +112,30 @@ def test_the_ema_weights_are_evaluated_when_asked(trained, tmp_path, capsys):
         if f.is_file() and f.name != "pytorch_lora_weights_ema.safetensors":
             (lone / f.name).write_bytes(f.read_bytes())
     code, err = _evaluate(capsys, lone, tmp_path / "x", clip, "--weights", "ema")
-    assert code == 2 and "trained with --use_ema?" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "lone: no pytorch_lora_weights_ema.safetensors" in err and len(err.strip().splitlines()) == 1
+    mixed = tmp_path / "mixed"  # a launch folder where one run has no EMA: refused, not evaluated among fewer
+    mixed.mkdir()
+    lone.rename(mixed / "lone")
+    (mixed / "teal").symlink_to(root / "loras" / "teal")  # a symlinked LoRA folder is listed, then refused
+    code, err = _evaluate(capsys, mixed, tmp_path / "x", clip, "--weights", "ema")
+    assert code == 2 and "lone: no pytorch_lora_weights_ema" in err
+
+
+def test_results_planted_in_a_received_output_folder_are_evaluated_again(trained, tmp_path, capsys, monkeypatch):
+    root, clip = trained
+    out = tmp_path / "out"
+    assert _evaluate(capsys, root / "loras", out, clip)[0] == 0
+    report = json.loads((out / "report.json").read_text())
+    # The same folder on another machine (another local key): its done.json files are not this machine's, so each
+    # LoRA is generated and scored again, to the same numbers.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "elsewhere"))
+    stamps = {n: (out / n / "embeddings.safetensors").stat().st_mtime_ns for n in ("noir", "teal")}
+    (out / "teal" / "done.json").unlink()
+    (out / "teal" / "done.json").symlink_to("/dev/zero")  # read, it would never end
+    assert _evaluate(capsys, root / "loras", out, clip)[0] == 0
+    assert all((out / n / "embeddings.safetensors").stat().st_mtime_ns != stamps[n] for n in stamps)
+    assert not (out / "teal" / "done.json").is_symlink()
+    assert json.loads((out / "report.json").read_text())["directors"] == report["directors"]
 
 
 def test_evaluation_refuses_bad_input_in_one_line(trained, tmp_path, capsys):
