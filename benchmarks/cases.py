@@ -29,6 +29,7 @@ from ddiff_core.data import load_records, screen_records
 from ddiff_core.families import get_family
 from ddiff_core.precision import dtype_of
 from ddiff_core.tiny import save_tiny_lora
+from ddiff_core.speed import skip_lora_input_casts
 from ddiff_core.trainer import compute_loss
 from ddiff_core.validation import ValidationRunner
 
@@ -188,11 +189,9 @@ def mixed_precision(env: Env, variant: str):
 
 def lora_input_casts(env: Env, variant: str):
     """bf16 frozen weights, fp32 LoRA under autocast: peft's round-trip cast of each LoRA input kept vs skipped."""
-    from benchmarks.test_full_model import keep_lora_input_casts
-
     t = _training(env, weight_dtype=torch.bfloat16)
     if variant == "before":
-        keep_lora_input_casts(t.denoiser)
+        skip_lora_input_casts(t.denoiser, skip=False)
     return _ddiff_step(t)
 
 

@@ -23,7 +23,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.cases import Env, _training, sync
 from benchmarks.harness import cpu_description
-from benchmarks.test_full_model import keep_lora_input_casts
 from ddiff_core.speed import skip_lora_input_casts
 from ddiff_core.trainer import compute_loss
 
@@ -47,7 +46,7 @@ class CastCounter(TorchDispatchMode):
 
 def _set_casts(denoiser, kept: bool) -> None:
     if kept:
-        keep_lora_input_casts(denoiser)
+        skip_lora_input_casts(denoiser, skip=False)
     elif not skip_lora_input_casts(denoiser):
         raise SystemExit("skip_lora_input_casts changed no layer of this bf16 model")
 

@@ -25,7 +25,7 @@ from ddiff_core.builders import (add_trainable_lora, build_lr_scheduler, build_o
 from ddiff_core.caching import FeatureCache, TrainingFeatures
 from ddiff_core.config import LossSettings, TrainConfig
 from ddiff_core.families import get_family
-from ddiff_core.speed import compiled_graphs
+from ddiff_core.speed import compiled_graphs, skip_lora_input_casts
 from ddiff_core.trainer import compute_loss
 
 FLUX_DEV = dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
@@ -126,7 +126,7 @@ def _run_variant(benchmark, bench_env, base, index):
     add_trainable_lora(model, family, rank=cfg.rank, alpha=cfg.lora_alpha, dropout=0.0, lora_layers=None, seed=0,
                        gradient_checkpointing=bool(interval), checkpointing_interval=max(interval, 1), compile=compile)
     if peft_casts:
-        keep_lora_input_casts(model)
+        skip_lora_input_casts(model, skip=False)  # peft's default: the "before"
     graphs_before = compiled_graphs()
     model.train()
     step, optimizer = trainer_step(family, comps, model, dtype, device, resolution, batch, text_tokens, text_width,
@@ -161,15 +161,6 @@ def _run_variant(benchmark, bench_env, base, index):
         remove_trainable_lora(model, family)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def keep_lora_input_casts(model) -> None:
-    """peft's default, the "before" of ``skip_lora_input_casts``: each LoRA input cast to fp32 and back."""
-    from peft.tuners.lora import LoraLayer
-
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            module.cast_input_dtype_enabled = True
 
 
 def trainer_step(family, comps, model, dtype, device, resolution, batch, text_tokens, text_width, pooled_width, cfg):

@@ -144,12 +144,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _regular_file(path: Path) -> bool:
-    """A plain file, not a symlink: a checkpoint may come from someone else and must not point elsewhere."""
+def regular_file(path: Path, max_bytes: int | None = None) -> bool:
+    """A plain file (not a symlink, FIFO or device), of at most ``max_bytes`` when given: what a checkpoint or an
+    output folder from someone else may hold, so that reading it cannot point elsewhere or run on without end."""
     try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
+        info = os.lstat(path)
     except OSError:
         return False
+    return stat.S_ISREG(info.st_mode) and (max_bytes is None or info.st_size <= max_bytes)
 
 
 def _valid_manifest(manifest, folder_step: int | None) -> str | None:
@@ -186,7 +188,7 @@ def read_manifest(path: Path) -> dict:
     manifest_path = path / MANIFEST
     if not path.is_dir() or path.is_symlink():
         raise CheckpointError(f"checkpoint {path} does not exist or is a symlink")
-    if not _regular_file(manifest_path):
+    if not regular_file(manifest_path):
         raise CheckpointError(f"checkpoint {path} is incomplete: {MANIFEST} is missing")
     try:
         if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
@@ -226,7 +228,7 @@ def verify_checkpoint(path: Path) -> dict:
             raise CheckpointError(f"checkpoint {path} is missing {name}")
     for name, expected in manifest["files"].items():
         file = path / name
-        if not _regular_file(file):
+        if not regular_file(file):
             raise CheckpointError(f"checkpoint {path} is missing {name} (or it is not a plain file)")
         try:
             if file.stat().st_size != expected["size"] or file_sha256(file) != expected["sha256"]:

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import re
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from ddiff_core.atomic import atomic_write, atomic_write_text
 from ddiff_core.caching import fingerprint
-from ddiff_core.checkpoint import file_sha256
+from ddiff_core.checkpoint import file_sha256, regular_file
 from ddiff_core.config import ConfigError, TrainConfig, _coerce_all, load_yaml_mapping
 from ddiff_core.data import HOLDOUT_FILE, BadImage, DataError, decode_image, load_records, read_holdout, screen_records
 from ddiff_core.lora import EMA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
@@ -246,19 +245,8 @@ def reference_images(run: LoraInfo, config: TrainConfig, reference_dir: Path | N
 
 
 WEIGHTS = {"final": LORA_WEIGHTS_NAME, "ema": EMA_WEIGHTS_NAME}  # --weights: which file of each run is evaluated
-
-
 MAX_DONE_BYTES = 1 << 20
 MAX_EMBEDDINGS_BYTES = 512 << 20
-
-
-def _plain_file(path: Path, limit: int) -> bool:
-    """A regular file (not a symlink, FIFO or device) of at most ``limit`` bytes."""
-    try:
-        info = path.lstat()
-    except OSError:
-        return False
-    return stat.S_ISREG(info.st_mode) and info.st_size <= limit
 
 
 def local_key() -> bytes:
@@ -266,7 +254,7 @@ def local_key() -> bytes:
     ``~/.cache/ddiff``): it seals each LoRA's done.json, so results planted in a folder someone hands over are
     evaluated again, not reported."""
     path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ddiff" / "evaluation.key"
-    if not (_plain_file(path, 32) and path.stat().st_size == 32):
+    if not (regular_file(path, 32) and path.stat().st_size == 32):
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: tmp.write_bytes(os.urandom(32)))
         os.chmod(path, 0o600)
@@ -388,7 +376,7 @@ class Evaluation:
     def _done(self, run: LoraInfo, key: str) -> bool:
         try:
             path = self._folder(run) / "done.json"
-            return _plain_file(path, MAX_DONE_BYTES) and json.loads(path.read_text()).get("key") == key
+            return regular_file(path, MAX_DONE_BYTES) and json.loads(path.read_text()).get("key") == key
         except (OSError, ValueError):
             return False
 
@@ -437,7 +425,7 @@ class Evaluation:
         names = [run.name for run in self.runs]
         for name in names:  # written by this machine just now or earlier (done.json's sealed key said so)
             for file, limit in (("embeddings.safetensors", MAX_EMBEDDINGS_BYTES), ("done.json", MAX_DONE_BYTES)):
-                if not _plain_file(self.output_dir / name / file, limit):
+                if not regular_file(self.output_dir / name / file, limit):
                     raise EvalError(f"{self.output_dir / name / file} is not a plain file of at most {limit} bytes")
         embeds = {name: load_file(self.output_dir / name / "embeddings.safetensors") for name in names}
         centroids = torch.stack([centroid(embeds[name]["references"]) for name in names])

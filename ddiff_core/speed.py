@@ -142,7 +142,7 @@ def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def skip_lora_input_casts(denoiser) -> int:
+def skip_lora_input_casts(denoiser, skip: bool = True) -> int:
     """Turns off peft's cast of each LoRA layer's input to the LoRA's dtype, where autocast makes it a round trip
     (call it only for a model whose forward runs under autocast: without it the dtypes would not meet).
 
@@ -152,19 +152,23 @@ def skip_lora_input_casts(denoiser) -> int:
     the backward. The round trip is exact (every bf16/fp16 value is an fp32 value), so without it the step computes
     the same bits. Layers with dropout keep the cast (dropout in another dtype could round differently), and so does
     a model whose frozen weights are fp32 (no autocast, nothing to skip). The LoRA weights themselves are cast once
-    per forward: autocast caches the cast of a leaf parameter. Returns the number of layers changed.
+    per forward: autocast caches the cast of a leaf parameter. ``skip=False`` puts peft's default back on every
+    LoRA layer (the benchmarks' "before"). Returns the number of layers changed.
     """
     from peft.tuners.lora import LoraLayer
 
+    layers = [m for m in denoiser.modules() if isinstance(m, LoraLayer)]
+    if not skip:
+        for module in layers:
+            module.cast_input_dtype_enabled = True
+        return len(layers)
     frozen = {p.dtype for p in denoiser.parameters() if not p.requires_grad and p.is_floating_point()}
     if not frozen & set(LOW_PRECISION):
         return 0
-    changed = 0
-    for module in denoiser.modules():
-        if isinstance(module, LoraLayer) and all(isinstance(d, torch.nn.Identity) for d in module.lora_dropout.values()):
-            module.cast_input_dtype_enabled = False
-            changed += 1
-    return changed
+    layers = [m for m in layers if all(isinstance(d, torch.nn.Identity) for d in m.lora_dropout.values())]
+    for module in layers:
+        module.cast_input_dtype_enabled = False
+    return len(layers)
 
 
 # Backends that fail on a known stack, refused with the reason instead of a device fault mid-run.
