@@ -72,8 +72,7 @@ class ValidationRunner:
         """
         was_training = self.denoiser.training
         devices = [self.device] if self.device.type == "cuda" else []
-        autocast = torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32)
-        with torch.random.fork_rng(devices=devices), autocast:
+        with torch.random.fork_rng(devices=devices):
             self.denoiser.eval()
             if not lora:
                 self.denoiser.disable_adapters()
@@ -93,10 +92,12 @@ class ValidationRunner:
     def _call(self, embeds: dict, seeds: list[int], size: tuple[int, int]) -> torch.Tensor:
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
         height, width = size
-        latents = self.pipeline(
-            **embeds, height=height, width=width, num_inference_steps=self.steps,
-            guidance_scale=self.guidance, generator=generators, output_type="latent",
-        ).images
+        with torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
+            latents = self.pipeline(
+                **embeds, height=height, width=width, num_inference_steps=self.steps,
+                guidance_scale=self.guidance, generator=generators, output_type="latent",
+            ).images
+        # Outside autocast: a VAE kept in fp32 because it overflows in fp16 (force_upcast) decodes in fp32.
         return self.family.decode_pipeline_latents(self.pipeline, latents, height, width)
 
     def _rows(self, images: list[Image.Image]) -> list[list[Image.Image]]:

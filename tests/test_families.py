@@ -180,3 +180,25 @@ def test_a_third_party_family_is_picked_up_from_its_entry_point(tiny_flux, tmp_p
     env["PYTHONPATH"] = os.pathsep.join([str(dup), str(REPO)])
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode != 0 and "registered twice" in out.stderr
+
+
+def test_validation_images_are_the_stock_pipelines(family_model, tmp_path):
+    # ddiff's validation assembles the pipeline from the modules in memory and encodes the prompts once; what it
+    # draws must be what the stock pipeline loaded from the folder draws for the same prompt, seed and settings
+    # (SDXL guides away from zero embeddings there, not from the encoded empty prompt).
+    import numpy as np
+
+    from ddiff_core.validation import ValidationRunner
+
+    name, _, path = family_model
+    family = get_family(name)
+    components = family.load_components(str(path))
+    guidance = 3.5 if name == "flux" else 5.0
+    run = ValidationRunner(family, components, components[family.denoiser_name], ["a cat on a hill"], num_images=1,
+                           seed=3, resolution=64, num_inference_steps=3, guidance_scale=guidance,
+                           max_sequence_length=32, output_dir=tmp_path, device="cpu", dtype=torch.float32)
+    ours = np.asarray(run.generate()[0], dtype=np.float32) / 255
+    stock = family.load_pipeline(str(path))("a cat on a hill", height=64, width=64, num_inference_steps=3,
+                                            guidance_scale=guidance, generator=torch.Generator().manual_seed(3),
+                                            output_type="np", **family.prompt_kwargs(32)).images[0]
+    assert np.abs(ours - stock).max() < 2 / 255  # 8-bit rounding of ddiff's PNG, and float noise

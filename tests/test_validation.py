@@ -94,3 +94,32 @@ def test_memory_returns_to_where_it_was_over_five_validations(runner):
     assert growth <= 256 * 1024, f"live tensors grew by {growth} bytes over 5 validations"
     assert path.name == "step-000005.png" and path.exists()
     assert all(p.exists() for p in run.final_comparison())
+
+
+def test_fp16_validation_decodes_with_the_vae_kept_in_fp32(tiny_flux, tmp_path):
+    # A VAE that overflows in fp16 (force_upcast, as SDXL's) stays in fp32; the denoiser's steps run under fp16
+    # autocast, the decode must not: under autocast its convolutions would run in fp16 again.
+    family = get_family("flux")
+    components = family.load_components(str(tiny_flux), dtype=torch.float16)
+    vae, denoiser = components["vae"], components["transformer"]
+    assert vae.dtype == torch.float32 and vae.config.force_upcast
+    add_lora(denoiser, family, rank=4, alpha=4, dropout=0.0, lora_layers=None)
+    run = ValidationRunner(family, components, denoiser, ["<demo-style> a cat"], num_images=1, seed=7, resolution=64,
+                           num_inference_steps=1, guidance_scale=3.5, max_sequence_length=32, output_dir=tmp_path,
+                           device="cpu", dtype=torch.float16)
+    dtypes = {}
+
+    def record(stage):
+        def hook(module, inputs, output):
+            dtypes.setdefault(stage, output.dtype)
+        return hook
+
+    hooks = [vae.decoder.conv_out.register_forward_hook(record("decode")),
+             denoiser.proj_out.register_forward_hook(record("denoise"))]
+    try:
+        image, = run.generate()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert dtypes == {"denoise": torch.float16, "decode": torch.float32}
+    assert image.size == (64, 64)

@@ -69,7 +69,7 @@ class ModelFamily(ABC):
         PipelineQuantizationConfig (ddiff_core.quantization), or None."""
         extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
         pipe = self.pipeline_class.from_pretrained(path, revision=revision, variant=variant, dtype=dtype, **extra)
-        components = dict(pipe.components)
+        components = {**pipe.components, **self.pipeline_settings(pipe)}
         for module in components.values():
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False).eval()
@@ -77,6 +77,11 @@ class ModelFamily(ABC):
         if dtype == torch.float16 and vae is not None and vae.config.get("force_upcast", False):
             vae.to(torch.float32)  # its config says it overflows in fp16 (the SDXL VAE does)
         return components
+
+    def pipeline_settings(self, pipeline) -> dict[str, Any]:
+        """Settings of the model's pipeline (``model_index.json``) that are not modules but change its images, kept
+        with the components so a pipeline assembled from them behaves as the stock one loaded from the folder."""
+        return {}
 
     def load_pipeline(self, path: str, **kwargs):
         """The stock pipeline for inference (serving)."""
@@ -135,9 +140,13 @@ class ModelFamily(ABC):
         embeds = self.encode_prompts(components, prompts, device=device, max_sequence_length=max_sequence_length)
         if not self.uses_cfg:
             return embeds
-        empty = self.encode_prompts(components, [""] * len(prompts), device=device,
-                                    max_sequence_length=max_sequence_length)
-        return {**embeds, **{f"negative_{k}": v for k, v in empty.items()}}
+        negative = self.unconditional_embeds(components, embeds, device=device, max_sequence_length=max_sequence_length)
+        return {**embeds, **{f"negative_{k}": v for k, v in negative.items()}}
+
+    def unconditional_embeds(self, components, embeds: dict, *, device, max_sequence_length: int) -> dict:
+        """What the stock pipeline guides away from when no negative prompt is given: the empty prompt, encoded."""
+        count = len(next(iter(embeds.values())))
+        return self.encode_prompts(components, [""] * count, device=device, max_sequence_length=max_sequence_length)
 
     def check_settings(self, settings: LossSettings, lora_format: str = "diffusers") -> None:
         """Raises ValueError for settings that do not apply to this family."""

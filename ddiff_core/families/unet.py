@@ -114,6 +114,16 @@ class SDXLFamily(UNetFamily):
                                                              do_classifier_free_guidance=False)
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
 
+    def pipeline_settings(self, pipeline):
+        return {"force_zeros_for_empty_prompt": pipeline.config.force_zeros_for_empty_prompt}
+
+    def unconditional_embeds(self, components, embeds, *, device, max_sequence_length):
+        # SDXL's pipelines ship with force_zeros_for_empty_prompt: without a negative prompt they guide away from
+        # zeros, not from the encoded empty prompt.
+        if components.get("force_zeros_for_empty_prompt", True):
+            return {k: torch.zeros_like(v) for k, v in embeds.items()}
+        return super().unconditional_embeds(components, embeds, device=device, max_sequence_length=max_sequence_length)
+
     def added_conditioning(self, embeds, latents, conditioning, vae_scale):
         # Micro-conditioning on (original size, crop top-left, target size), as SDXL was trained: each image's real
         # size before resizing and where its crop starts in the resized image, in pixels.
