@@ -12,7 +12,7 @@ from ddiff_core.families import get_family
 
 
 def _buckets(size, family="flux"):
-    return default_buckets(RESOLUTION.get(size, 64), get_family(family).resolution_multiple)
+    return default_buckets(RESOLUTION.get(size, 64), get_family(family).bucket_multiple)
 
 
 @pytest.mark.parametrize("index", range(len(_buckets("small"))))

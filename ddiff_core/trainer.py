@@ -231,7 +231,7 @@ class LoraTrainer:
         self.buckets = self.targets = None
         if cfg.buckets_enabled:
             self.buckets = (parse_buckets(cfg.aspect_ratio_buckets) if cfg.aspect_ratio_buckets
-                            else default_buckets(cfg.resolution, family.resolution_multiple))
+                            else default_buckets(cfg.resolution, family.bucket_multiple))
             check_buckets(self.buckets, family.resolution_multiple, family.name)
             self.targets = [nearest_bucket(r.size, self.buckets) for r in self.records]
         self.validation_sizes = cfg.validation_sizes or (

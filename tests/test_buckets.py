@@ -17,7 +17,7 @@ from .conftest import assert_resume_from_copy_is_exact, assert_same_training, in
 BUCKETS = ["--use_aspect_ratio_buckets"]
 
 
-@pytest.mark.parametrize("resolution, multiple", [(1024, 16), (512, 8), (64, 16)])
+@pytest.mark.parametrize("resolution, multiple", [(1024, 16), (1024, 64), (512, 64), (512, 8), (64, 16)])
 @pytest.mark.parametrize("name, ratio", [(n, r) for n, r in FRAME_RATIOS.items()] +
                          [(f"portrait {n}", 1 / r) for n, r in FRAME_RATIOS.items() if r != 1])
 def test_every_frame_ratio_lands_in_its_own_bucket(resolution, multiple, name, ratio):

@@ -48,6 +48,8 @@ class ModelFamily(ABC):
     default_lora_preset: ClassVar[str]
     #: Image sides must be a multiple of this (VAE downsampling times latent packing).
     resolution_multiple: ClassVar[int] = 8
+    #: The default aspect buckets' sides are a multiple of this: sizes the denoiser takes without resampling inside.
+    bucket_multiple: ClassVar[int] = 64
     #: Key prefix for diffusers' PEFT -> kohya conversion; None where diffusers cannot convert.
     kohya_prefix: ClassVar[str | None] = None
     #: Epsilon/v-prediction families take --snr_gamma, --noise_offset and --prediction_type.
