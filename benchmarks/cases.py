@@ -24,7 +24,7 @@ import torch
 from benchmarks.baselines import director_diffusion as before
 from ddiff_core.builders import add_trainable_lora, build_data, build_optimizer, load_base, trainable_params
 from ddiff_core.caching import build_training_features, release_covered_encoders
-from ddiff_core.config import LossSettings, TrainConfig
+from ddiff_core.config import TrainConfig
 from ddiff_core.data import load_records, screen_records
 from ddiff_core.families import get_family
 from ddiff_core.precision import dtype_of
@@ -109,7 +109,7 @@ def _training(env: Env, *, gradient_checkpointing: bool = False, weight_dtype: t
     cfg = train_config(env, gradient_checkpointing=gradient_checkpointing, cache_latents=cached,
                        cache_text_embeddings=cached)
     family, comps = _components(env, weight_dtype)
-    objective = family.training_objective(comps, LossSettings.from_config(cfg))
+    objective = family.training_objective(comps, family.loss_settings(cfg))
     latent_norm = family.latent_norm(comps["vae"].config)
     records = _demo_records()
     data = build_data(records, cfg, seed=0, targets=[bucket] * len(records) if bucket else None)

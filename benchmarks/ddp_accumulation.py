@@ -17,7 +17,7 @@ from accelerate import Accelerator
 
 from benchmarks.cases import Env, _components
 from ddiff_core.builders import add_trainable_lora, build_optimizer, trainable_params
-from ddiff_core.config import LossSettings, TrainConfig
+from ddiff_core.config import TrainConfig
 from ddiff_core.process import run_process
 
 
@@ -32,7 +32,7 @@ def main() -> int:
     acc = Accelerator()
     env = Env(args.size, str(acc.device), "fp32", args.family)
     family, comps = _components(env)
-    objective = family.training_objective(comps, LossSettings.from_config())
+    objective = family.training_objective(comps, family.loss_settings())
     denoiser = comps[family.denoiser_name]
     add_trainable_lora(denoiser, family, rank=16, alpha=16, dropout=0.0, lora_layers=None, seed=0)
     optimizer = build_optimizer(trainable_params(denoiser), TrainConfig())

@@ -23,7 +23,7 @@ from benchmarks.harness import versions
 from ddiff_core.builders import (add_trainable_lora, build_lr_scheduler, build_optimizer, remove_trainable_lora,
                                  trainable_params)
 from ddiff_core.caching import FeatureCache, TrainingFeatures
-from ddiff_core.config import LossSettings, TrainConfig
+from ddiff_core.config import TrainConfig
 from ddiff_core.families import get_family
 from ddiff_core.speed import compiled_graphs, skip_lora_input_casts
 from ddiff_core.trainer import compute_loss
@@ -168,7 +168,7 @@ def trainer_step(family, comps, model, dtype, device, resolution, batch, text_to
     params = trainable_params(model)
     optimizer = build_optimizer(params, cfg)
     scheduler = build_lr_scheduler(optimizer, cfg, max_train_steps=1000)
-    objective = family.training_objective(comps, LossSettings.from_config())
+    objective = family.training_objective(comps, family.loss_settings())
     latent_norm = family.latent_norm(comps["vae"].config) if comps.get("vae") is not None else _flux_norm()
     side = resolution // 8
     channels = model.config.in_channels // 4

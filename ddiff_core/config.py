@@ -57,7 +57,8 @@ class TrainConfig:
     center_crop: bool = _opt(False, "Center-crop instead of random crop.")
     random_flip: bool = _opt(False, "Randomly flip images horizontally (fixed per image).")
     dataloader_num_workers: int = _opt(0, "DataLoader worker processes.")
-    max_sequence_length: int = _opt(512, "Max T5 sequence length.")
+    max_sequence_length: int | None = _opt(None, "Max T5 sequence length (default: the family's pipeline default, "
+                                                 "512 for FLUX, 256 for SD3).")
     cache_latents: bool = _opt(False, "Encode every image once with the VAE and cache the latents.")
     offload_vae: bool | None = _opt(None, "Keep the VAE on the CPU except while it encodes or decodes (default: on "
                                           "when the latents are cached).")
@@ -112,7 +113,8 @@ class TrainConfig:
     ema_decay: float = _opt(0.999, "EMA decay per optimizer step (warmed up as min(decay, (1+t)/(10+t))).")
     # -- flow matching -----------------------------------------------------------------------
     guidance_scale: float = _opt(3.5, "Guidance embedding value for guidance-distilled models (FLUX.1-dev).")
-    weighting_scheme: str = _opt("none", "Timestep sampling / loss weighting.", WEIGHTING_SCHEMES)
+    weighting_scheme: str | None = _opt(None, "Timestep sampling / loss weighting (default: the family's, as "
+                                              "upstream: none for FLUX, logit_normal for SD3).", WEIGHTING_SCHEMES)
     logit_mean: float = _opt(0.0, "Mean for logit_normal.")
     logit_std: float = _opt(1.0, "Std for logit_normal.")
     mode_scale: float = _opt(1.29, "Scale for the mode weighting scheme.")
@@ -148,13 +150,13 @@ class TrainConfig:
             raise ConfigError("one of --instance_data_dir or --dataset_name is required")
         if self.instance_data_dir and self.dataset_name:
             raise ConfigError("give only one of --instance_data_dir and --dataset_name")
-        positive = ("gradient_checkpointing_interval", "num_validation_images", "validation_epochs", "validation_inference_steps", "checkpointing_steps", "repeats", "train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "rank", "max_sequence_length", "max_image_pixels")
+        positive = ("gradient_checkpointing_interval", "num_validation_images", "validation_epochs", "validation_inference_steps", "checkpointing_steps", "repeats", "train_batch_size", "num_train_epochs", "gradient_accumulation_steps", "rank", "max_image_pixels")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ConfigError(f"--max_train_steps must be at least 1, got {self.max_train_steps}")
-        for name in ("validation_steps", "checkpoints_total_limit"):
+        for name in ("validation_steps", "checkpoints_total_limit", "max_sequence_length"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.dataloader_num_workers < 0 or self.lr_warmup_steps < 0:

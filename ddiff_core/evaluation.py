@@ -180,7 +180,7 @@ def read_run_config(folder: Path) -> TrainConfig:
     config = TrainConfig(**values)
     config.max_image_pixels = min(config.max_image_pixels, MAX_REFERENCE_PIXELS)
     prompts = config.validation_prompts
-    if not 16 <= config.resolution <= MAX_RESOLUTION or not 1 <= config.max_sequence_length <= 512:
+    if not 16 <= config.resolution <= MAX_RESOLUTION or not 1 <= (config.max_sequence_length or 1) <= 512:
         raise EvalError(f"{path}: resolution or max_sequence_length out of bounds")
     if len(prompts) > MAX_PROMPTS or any(len(p) > 1000 for p in prompts):
         raise EvalError(f"{path}: more than {MAX_PROMPTS} validation prompts, or one over 1000 characters")
@@ -348,7 +348,8 @@ class Evaluation:
 
     def _run_settings(self, config: TrainConfig) -> EvalSettings:
         return dataclasses.replace(self.settings, resolution=self.settings.resolution or config.resolution,
-                                   max_sequence_length=self.settings.max_sequence_length or config.max_sequence_length)
+                                   max_sequence_length=self.settings.max_sequence_length or config.max_sequence_length
+                                   or self.family.default_max_sequence_length)
 
     def run(self) -> dict:
         from ddiff_core.runs import model_identity

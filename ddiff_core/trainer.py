@@ -187,8 +187,8 @@ class LoraTrainer:
     def check_inputs(self) -> None:
         """Everything that can be checked before a model is loaded: family, resolution, data, the output folder and
         any checkpoint to resume."""
-        cfg = self.config
-        self.family = resolve_family(cfg.pretrained_model_name_or_path, cfg.model_family)
+        self.family = resolve_family(self.config.pretrained_model_name_or_path, self.config.model_family)
+        self.config = cfg = self.family.resolve_config(self.config)
         self.family.check_resolution(cfg.resolution)
         self.loss_settings = LossSettings.from_config(cfg)
         self.family.check_settings(self.loss_settings, cfg.lora_format)

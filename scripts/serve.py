@@ -36,7 +36,8 @@ def parse_args(argv=None):
     parser.add_argument("--auth", default=None, help="USER:PASSWORD (visible in ps: prefer DDIFF_SERVE_AUTH or --auth_file)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: bf16 on cuda, fp32 on cpu")
-    parser.add_argument("--max_sequence_length", type=int, default=512)
+    parser.add_argument("--max_sequence_length", type=int, default=None,
+                        help="T5 tokens per prompt (default: the family's, as in training: 512 for FLUX, 256 for SD3)")
     parser.add_argument("--default_size", type=int, default=None, help="default: 512 on cuda, 128 on cpu")
     parser.add_argument("--default_steps", type=int, default=None, help="default: 28 on cuda, 4 on cpu")
     parser.add_argument("--generations_per_minute", type=int, default=10, help="per client address")

@@ -7,7 +7,8 @@ BASE = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d"]
 
 def test_upstream_defaults_and_overrides():
     cfg = parse_config(BASE + ["--rank", "16", "--center_crop", "--optimizer", "adamw"])
-    assert (cfg.rank, cfg.center_crop, cfg.optimizer, cfg.resolution, cfg.weighting_scheme) == (16, True, "AdamW", 512, "none")
+    assert (cfg.rank, cfg.center_crop, cfg.optimizer, cfg.resolution) == (16, True, "AdamW", 512)
+    assert cfg.weighting_scheme is None and cfg.max_sequence_length is None  # the family's, once it is known
     assert cfg.cache_text_embeddings is True and cfg.cache_latents is False
 
 

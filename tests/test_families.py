@@ -1,6 +1,7 @@
 """Every registered family (and FLUX.1-schnell) through the same tests: tiny build, training with and without
 caches, exact resume, the stock pipeline loading the LoRA; plus a third-party family from an entry point."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -89,12 +90,11 @@ def test_a_micro_batch_reads_no_value_back_to_the_host(family_model):
     only the loop's one read per optimizer step, for the log, may wait for the GPU. On a CPU, copies between host
     and device cannot be seen; the GPU benchmark counts every wait (torch's sync debug mode)."""
     from ddiff_core.builders import add_trainable_lora
-    from ddiff_core.config import LossSettings
 
     name, _, path = family_model
     family = get_family(name)
     components = family.load_components(str(path))
-    objective = family.training_objective(components, LossSettings.from_config())
+    objective = family.training_objective(components, family.loss_settings())
     denoiser = components[family.denoiser_name]
     add_trainable_lora(denoiser, family, rank=4, alpha=4, dropout=0.0, lora_layers=None, seed=0)
     embeds = family.encode_prompts(components, ["a cat", "a dog"], device="cpu", max_sequence_length=32)
@@ -202,3 +202,37 @@ def test_validation_images_are_the_stock_pipelines(family_model, tmp_path):
                                             guidance_scale=guidance, generator=torch.Generator().manual_seed(3),
                                             output_type="np", **family.prompt_kwargs(32)).images[0]
     assert np.abs(ours - stock).max() < 2 / 255  # 8-bit rounding of ddiff's PNG, and float noise
+
+
+def test_unset_flags_take_the_familys_upstream_defaults(family_model, tmp_path):
+    # SD3 samples its timesteps logit-normally (its paper, upstream's SD3 script) and its pipeline reads 256 T5 tokens;
+    # FLUX samples uniformly and reads 512. Flags given are kept.
+    from ddiff_core.config import TrainConfig
+    from ddiff_core.trainer import LoraTrainer
+
+    from .conftest import DEMO_DATA
+
+    name, _, path = family_model
+    common = dict(pretrained_model_name_or_path=str(path), instance_data_dir=str(DEMO_DATA), resolution=64)
+    trainer = LoraTrainer(TrainConfig(**common, output_dir=str(tmp_path / "a")))
+    trainer.check_inputs()
+    expected = ("logit_normal", 256) if name == "sd3" else ("none", 512)
+    assert (trainer.config.weighting_scheme, trainer.config.max_sequence_length) == expected
+    assert trainer.loss_settings.weighting_scheme == expected[0]
+    if name == "sd3":  # the objective samples what the settings say: logit-normal gathers in the middle of the grid
+        objective = get_family(name).training_objective(get_family(name).load_components(str(path)),
+                                                        trainer.loss_settings)
+        sampler = objective.sampler
+        low, high = sorted(sampler.sigmas[[250, 750]].tolist())
+
+        def middle(settings):
+            _, sigmas = sampler.sample(4000, torch.Generator().manual_seed(0), settings)
+            return ((sigmas > low) & (sigmas < high)).float().mean().item()
+
+        uniform = dataclasses.replace(trainer.loss_settings, weighting_scheme="none")
+        assert middle(trainer.loss_settings) > 0.65 and middle(uniform) < 0.55  # about 0.73 and 0.5
+    if not get_family(name).noise_prediction:
+        given = LoraTrainer(TrainConfig(**common, output_dir=str(tmp_path / "b"), weighting_scheme="mode",
+                                        max_sequence_length=77))
+        given.check_inputs()
+        assert (given.config.weighting_scheme, given.config.max_sequence_length) == ("mode", 77)

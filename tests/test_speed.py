@@ -46,7 +46,6 @@ class _CountCasts(TorchDispatchMode):
 def _bf16_step(denoiser, family):
     """Loss and LoRA gradients of one bf16 forward and backward under autocast, as the trainer runs it, and the number
     of dtype casts it made."""
-    from ddiff_core.config import LossSettings
 
     gen = torch.Generator().manual_seed(0)
     cfg = denoiser.config
@@ -55,7 +54,7 @@ def _bf16_step(denoiser, family):
               "pooled_prompt_embeds": torch.randn(2, cfg.pooled_projection_dim, generator=gen)}
     denoiser.zero_grad(set_to_none=True)
     with _CountCasts() as counter, torch.autocast("cpu", torch.bfloat16):
-        pred = family.predict_velocity(denoiser, noisy, torch.tensor([300.0, 700.0]), embeds, LossSettings.from_config())
+        pred = family.predict_velocity(denoiser, noisy, torch.tensor([300.0, 700.0]), embeds, family.loss_settings())
         loss = pred.float().square().mean()
     with _CountCasts() as backward:
         loss.backward()

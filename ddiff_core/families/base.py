@@ -6,13 +6,14 @@ validation and serving only call these methods.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
 
-from ddiff_core.config import LossSettings
+from ddiff_core.config import LossSettings, TrainConfig
 from ddiff_core.latents import LatentNorm
 
 
@@ -56,6 +57,9 @@ class ModelFamily(ABC):
     noise_prediction: ClassVar[bool] = False
     #: Validation uses classifier-free guidance, so empty-prompt embeddings are encoded too.
     uses_cfg: ClassVar[bool] = False
+    #: Defaults of the flags left unset (None): the family's upstream training script's and stock pipeline's.
+    default_weighting_scheme: ClassVar[str] = "none"
+    default_max_sequence_length: ClassVar[int] = 512
 
     # -- loading ---------------------------------------------------------------------------
     @property
@@ -149,6 +153,16 @@ class ModelFamily(ABC):
         """What the stock pipeline guides away from when no negative prompt is given: the empty prompt, encoded."""
         count = len(next(iter(embeds.values())))
         return self.encode_prompts(components, [""] * count, device=device, max_sequence_length=max_sequence_length)
+
+    def resolve_config(self, config: TrainConfig) -> TrainConfig:
+        """``config`` with the family's defaults in place of the flags left unset."""
+        return dataclasses.replace(
+            config, weighting_scheme=config.weighting_scheme or self.default_weighting_scheme,
+            max_sequence_length=config.max_sequence_length or self.default_max_sequence_length)
+
+    def loss_settings(self, config: TrainConfig | None = None) -> LossSettings:
+        """The objective's settings of ``config`` (the defaults when None), the family's defaults filled in."""
+        return LossSettings.from_config(self.resolve_config(config or TrainConfig()))
 
     def check_settings(self, settings: LossSettings, lora_format: str = "diffusers") -> None:
         """Raises ValueError for settings that do not apply to this family."""

@@ -22,6 +22,8 @@ class SD3Family(FlowMatchingFamily):
     }
     default_lora_preset = "attention"
     uses_cfg = True
+    default_weighting_scheme = "logit_normal"  # SD3's own sampling, and upstream's SD3 script's default
+    default_max_sequence_length = 256  # the SD3 pipeline's default
 
     def encode_prompts(self, components, prompts, *, device, max_sequence_length):
         names = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")

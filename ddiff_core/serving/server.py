@@ -99,12 +99,12 @@ class StyleServer:
 
     @classmethod
     def load(cls, family, model_path: str, lora_dir, votes_db, *, device: str = "cpu", dtype=torch.float32,
-             max_sequence_length: int = 512, limits: Limits = Limits(), votes_per_hour: int = 30) -> "StyleServer":
+             max_sequence_length: int | None = None, limits: Limits = Limits(), votes_per_hour: int = 30) -> "StyleServer":
         """Loads the family's pipeline once and serves every LoRA folder under ``lora_dir`` from it."""
         pipeline = family.load_pipeline(model_path, dtype=dtype).to(device)
         pipeline.set_progress_bar_config(disable=True)
         return cls(pipeline, LoraCatalog(lora_dir), VoteStore(votes_db, votes_per_hour=votes_per_hour), limits,
-                   prompt_kwargs=family.prompt_kwargs(max_sequence_length))
+                   prompt_kwargs=family.prompt_kwargs(max_sequence_length or family.default_max_sequence_length))
 
     def styles(self) -> list[str]:
         """The LoRAs that can be served now (the folder is read again only when it changed)."""
