@@ -21,9 +21,11 @@ timeout -s INT -k 20 220 python3 -m pytest benchmarks/test_full_model.py -p no:c
 python3 -m benchmarks.report "$out/full.json" --output "$out/RESULTS-gpu.md" --notes /dev/null
 tmp=$(mktemp -d)
 python3 -m ddiff_core.tiny --size small --output_dir "$tmp/model" >/dev/null
-timeout -s INT 75 python3 scripts/train_lora.py --pretrained_model_name_or_path "$tmp/model" --instance_data_dir data/demo \
-  --output_dir "$tmp/run" --resolution 256 --train_batch_size 2 --max_train_steps 100 \
+# Its log comes back too: stopped by the SIGINT, the run still logs how many graphs it compiled.
+timeout -s INT -k 15 120 python3 scripts/train_lora.py --pretrained_model_name_or_path "$tmp/model" \
+  --instance_data_dir data/demo --output_dir "$tmp/run" --resolution 256 --train_batch_size 2 --max_train_steps 100 \
   --cache_latents --mixed_precision bf16 --compile --seed 0 --report_to none --checkpointing_steps 1000 \
+  2>&1 | tail -c 200000 > "$out/compile-100-steps.log" \
   && cp "$tmp/run/run_summary.json" "$out/compile-100-steps.json" && cat "$out/compile-100-steps.json" \
-  || echo "the 100-step --compile run did not finish"
+  || { echo "the 100-step --compile run did not finish"; tail -n 20 "$out/compile-100-steps.log"; }
 exit 0

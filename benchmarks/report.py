@@ -191,6 +191,8 @@ def render(paths: list[Path]) -> str:
         for b in quantized:
             e = b["extra_info"]
             peak = f"{e['peak_mem_mb'] / 1024:.1f} GiB" if e.get("peak_mem_mb") else "n/a"
+            if e.get("held_before_mb", 0) > 256:  # an earlier variant's memory was still allocated: the peak counts it
+                peak += f" ({e['held_before_mb'] / 1024:.1f} GiB held before)"
             ratio = f"{b['stats']['median'] / base:.2f}x" if base else "n/a"
             lines.append(f"| {'bf16' if e['quantization'] == 'none' else e['quantization']} | "
                          f"{'AdamW 8-bit' if e['eight_bit_adam'] else 'AdamW'} | {peak} | "
@@ -216,7 +218,7 @@ def render(paths: list[Path]) -> str:
             mem = f"{e['peak_mem_mb'] / 1024:.1f} GiB" if e.get("peak_mem_mb") else "n/a"
             casts = {True: "kept", False: "skipped"}.get(e.get("peft_input_casts"), "n/a")
             lines.append(f"| {e['resolution']} px | {e['batch']} | {'on' if e['compile'] else 'off'} | {ckpt} | "
-                         f"{casts} | {b['stats']['median']:.3f} | {mem} | {e['step_tflop']:.1f} | "
+                         f"{casts} | {b['stats']['median']:.3f} | {mem} | {e.get('step_tflop', float('nan')):.1f} | "
                          f"{e.get('mfu', float('nan')) * 100:.1f}% | {e.get('graphs', 'n/a')} | "
                          f"{e.get('host_syncs', 'n/a')} |")
         lines.append("")

@@ -63,8 +63,11 @@ def test_quantized_base_step(benchmark, bench_env, quantization, eight_bit_adam)
             pytest.skip(str(err))
     if eight_bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         pytest.skip("bitsandbytes is not installed")
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    # What an earlier variant may still hold (a failed one's traceback keeps its frames): reported beside the peak.
+    held_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     model = comps = step = optimizer = None
     try:  # everything inside: a failed variant must not keep a 24 GB model alive for the next one
         family, comps, model, (text_tokens, text_width, pooled_width, resolution) = _build(bench_env, quantization)
@@ -82,7 +85,8 @@ def test_quantized_base_step(benchmark, bench_env, quantization, eight_bit_adam)
         benchmark.extra_info.update(case="quantized_base" if bench_env.size == "full" else "quantized_base_small",
                                     variant=benchmark.name.split("[")[-1].rstrip("]"), quantization=quantization,
                                     eight_bit_adam=eight_bit_adam, resolution=resolution, size=bench_env.size,
-                                    device=bench_env.device, estimate_mb=estimate.total / 2**20, **versions())
+                                    device=bench_env.device, estimate_mb=estimate.total / 2**20,
+                                    held_before_mb=held_before / 2**20, **versions())
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         try:

@@ -116,3 +116,4 @@ def quantize_in_memory(model: torch.nn.Module, kind: str, dtype: torch.dtype = t
             if child.bias is not None:
                 layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
             setattr(parent, name, layer.to(device))  # quantized here, one layer at a time
+    model.is_loaded_in_4bit = True  # as diffusers' 4-bit load marks it: peft then wraps these layers in its bnb LoRA

@@ -144,3 +144,35 @@ def test_out_of_memory_advice_names_the_peak_and_flags_not_in_use(tiny_flux, tmp
     line = out_of_memory_advice(30 * 2**30, 24 * 2**30, config)
     assert "30.0 GiB of the card's 24.0 GiB" in line and "--base_quantization int8" in line
     assert "--gradient_checkpointing" not in line and "--use_8bit_adam" not in line and "\n" not in line
+
+
+def test_the_benchmarks_nf4_base_takes_peft_s_4bit_lora_and_trains(tiny_flux):
+    # The full-size memory benchmark quantizes a random model in memory (quantize_in_memory), not through diffusers'
+    # load; it must mark the model as diffusers does, or peft wraps the 4-bit layers in its plain LoRA layer and the
+    # benchmark measures a step the trainer never takes.
+    try:
+        from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+    except Exception as err:  # not installed, or no backend here
+        pytest.skip(f"bitsandbytes' 4-bit layers are not available here ({type(err).__name__})")
+    from ddiff_core.quantization import quantize_in_memory
+
+    family = get_family("flux")
+    model = family.load_components(str(tiny_flux), dtype=torch.bfloat16)["transformer"]
+    quantize_in_memory(model, "nf4")
+    add_trainable_lora(model, family, rank=4, alpha=4, dropout=0.0, lora_layers=None, seed=0)
+    wrapped = [m for m in model.modules() if hasattr(m, "lora_A")]
+    assert wrapped and all(isinstance(m, LoraLinear4bit) for m in wrapped)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.01)
+    gen = torch.Generator().manual_seed(0)
+    cfg = model.config
+    noisy = torch.randn(1, cfg.in_channels // 4, 8, 8, generator=gen).bfloat16()
+    embeds = {"prompt_embeds": torch.randn(1, 6, cfg.joint_attention_dim, generator=gen),
+              "pooled_prompt_embeds": torch.randn(1, cfg.pooled_projection_dim, generator=gen)}
+    with torch.autocast("cpu", torch.bfloat16):
+        pred = family.predict_velocity(model, noisy, torch.tensor([500.0]), embeds, family.loss_settings())
+    pred.float().square().mean().backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
