@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The prepared GPU run for one H100/H200 window (under 6 minutes after the machine's start):
+# The prepared GPU run for one H100/H200 window (at most about 6.5 minutes after the machine's start):
 #   1. the trainer's step at FLUX.1-dev's transformer shape: eager vs --compile, checkpointing off / every / every 2nd
 #      block, 1024 and 512 px (benchmarks/test_full_model.py), with MFU;
 #   2. a 100-step run of scripts/train_lora.py --compile on the small random model: its graph count (run_summary.json).
 #   bash benchmarks/gpu_run.sh OUT_DIR
 # Carries diffusers (and what else the machine lacks) as wheels in .whl/. Results: OUT_DIR/full.json,
-# OUT_DIR/RESULTS-gpu.md, OUT_DIR/compile-100-steps.json.
+# OUT_DIR/RESULTS-gpu.md, OUT_DIR/compile-100-steps.json and its log, OUT_DIR/compile-100-steps.log.
 set -uo pipefail
 out="${1:-.benchmarks}"; mkdir -p "$out"
 if ! python3 -c "import diffusers" 2>/dev/null; then

@@ -7,12 +7,11 @@ import pytest
 
 from benchmarks.cases import RESOLUTION, bucket_step
 from benchmarks.harness import versions
-from ddiff_core.buckets import default_buckets
 from ddiff_core.families import get_family
 
 
 def _buckets(size, family="flux"):
-    return default_buckets(RESOLUTION.get(size, 64), get_family(family).bucket_multiple)
+    return get_family(family).default_buckets(RESOLUTION.get(size, 64))
 
 
 @pytest.mark.parametrize("index", range(len(_buckets("small"))))

@@ -35,7 +35,7 @@ TEXT_TOKENS = 512
 # (resolution, batch, compile, checkpointing interval or 0, peft's input casts kept), in the order a short window
 # should measure them: the goal's configuration eager and compiled; then the eager variants (seconds each): the
 # checkpointing doses, the kept casts (the "before" of skip_lora_input_casts), 512 px; last the compiled ones that
-# need new graphs (a minute or more each at this size), which a 15-minute window may not reach.
+# need new graphs (a minute or more each at this size), which gpu_run.sh's 220 s limit may cut off.
 FULL_VARIANTS = [(1024, 1, False, 0, False), (1024, 1, True, 0, False),
                  (1024, 1, False, 1, False), (1024, 1, False, 2, False), (1024, 1, False, 0, True),
                  (512, 1, False, 0, False), (512, 2, False, 0, False),

@@ -180,7 +180,7 @@ def read_run_config(folder: Path) -> TrainConfig:
     config = TrainConfig(**values)
     config.max_image_pixels = min(config.max_image_pixels, MAX_REFERENCE_PIXELS)
     prompts = config.validation_prompts
-    if not 16 <= config.resolution <= MAX_RESOLUTION or not 1 <= (config.max_sequence_length or 1) <= 512:
+    if not 16 <= config.resolution <= MAX_RESOLUTION or not (config.max_sequence_length is None or 1 <= config.max_sequence_length <= 512):
         raise EvalError(f"{path}: resolution or max_sequence_length out of bounds")
     if len(prompts) > MAX_PROMPTS or any(len(p) > 1000 for p in prompts):
         raise EvalError(f"{path}: more than {MAX_PROMPTS} validation prompts, or one over 1000 characters")

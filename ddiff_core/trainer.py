@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, get_grad_scaler, set_seed
 from tqdm.auto import tqdm
 
-from ddiff_core.buckets import (Bucket, BucketError, bucket_report, check_buckets, default_buckets, most_common,
+from ddiff_core.buckets import (Bucket, BucketError, bucket_report, check_buckets, most_common,
                                 nearest_bucket, parse_buckets)
 from ddiff_core.builders import (add_trainable_lora, build_data, build_lr_scheduler, build_optimizer, load_base,
                                  remove_trainable_lora, trainable_params)
@@ -37,7 +37,8 @@ from ddiff_core.lora import LORA_WEIGHTS_NAME, lora_digest, lora_state_dict, tri
 from ddiff_core.outputs import RunOutputs
 from ddiff_core.precision import dtype_of
 from ddiff_core.profiling import NullProfiler, peak_memory_mb
-from ddiff_core.runs import RunIdentity, check_output_dir, clear_run_outputs, data_identity, model_identity, write_run_file
+from ddiff_core.runs import (RunIdentity, check_output_dir, clear_run_outputs, data_identity, model_identity,
+                             read_run_file, write_run_file)
 from ddiff_core.memory import estimate_peak, out_of_memory_advice
 from ddiff_core.quantization import check_quantization
 from ddiff_core.speed import (blocks_uncompiled, check_attention_backend, compiled_graphs, recompile_limit_hits,
@@ -188,7 +189,9 @@ class LoraTrainer:
         """Everything that can be checked before a model is loaded: family, resolution, data, the output folder and
         any checkpoint to resume."""
         self.family = resolve_family(self.config.pretrained_model_name_or_path, self.config.model_family)
-        self.config = cfg = self.family.resolve_config(self.config)
+        # A resumed run keeps what it recorded for the flags left unset, even where a default changed since.
+        self.recorded = (read_run_file(self.output_dir) or {}) if self.config.resume_from_checkpoint else {}
+        self.config = cfg = self.family.resolve_config(self.config, self.recorded)
         self.family.check_resolution(cfg.resolution)
         self.loss_settings = LossSettings.from_config(cfg)
         self.family.check_settings(self.loss_settings, cfg.lora_format)
@@ -231,7 +234,7 @@ class LoraTrainer:
         self.buckets = self.targets = None
         if cfg.buckets_enabled:
             self.buckets = (parse_buckets(cfg.aspect_ratio_buckets) if cfg.aspect_ratio_buckets
-                            else default_buckets(cfg.resolution, family.bucket_multiple))
+                            else self._recorded_buckets() or family.default_buckets(cfg.resolution))
             check_buckets(self.buckets, family.resolution_multiple, family.name)
             self.targets = [nearest_bucket(r.size, self.buckets) for r in self.records]
         self.validation_sizes = cfg.validation_sizes or (
@@ -241,6 +244,18 @@ class LoraTrainer:
             check_buckets([Bucket(h, w) for h, w in self.validation_sizes], family.resolution_multiple, family.name)
         except BucketError as err:
             raise ConfigError(str(err).replace("--aspect_ratio_buckets", "--validation_resolution")) from err
+
+    def _recorded_buckets(self) -> list[Bucket] | None:
+        """The default buckets a resumed run started with (run.json), when valid for this family; else None."""
+        names = self.recorded.get("buckets")
+        if not isinstance(names, list) or not names or len(names) > 256:
+            return None
+        try:
+            buckets = parse_buckets(";".join(str(n).replace("x", ",") for n in names))
+            check_buckets(buckets, self.family.resolution_multiple, self.family.name)
+        except BucketError:
+            return None
+        return buckets
 
     def setup(self, accelerator=None) -> "LoraTrainer":
         """A run alone: checks, then loads the base, builds the caches, frees the encoders and adds the LoRA."""

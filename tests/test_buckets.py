@@ -20,7 +20,7 @@ BUCKETS = ["--use_aspect_ratio_buckets"]
 @pytest.mark.parametrize("resolution, multiple", [(1024, 16), (1024, 64), (512, 64), (512, 8), (64, 16)])
 @pytest.mark.parametrize("name, ratio", [(n, r) for n, r in FRAME_RATIOS.items()] +
                          [(f"portrait {n}", 1 / r) for n, r in FRAME_RATIOS.items() if r != 1])
-def test_every_frame_ratio_lands_in_its_own_bucket(resolution, multiple, name, ratio):
+def test_every_frame_ratio_lands_in_a_bucket_of_its_shape_and_area(resolution, multiple, name, ratio):
     buckets = default_buckets(resolution, multiple)
     image = (round(3000 * ratio), 3000) if ratio < 1 else (3000, round(3000 / ratio))
     bucket = nearest_bucket(image, buckets)

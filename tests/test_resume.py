@@ -6,12 +6,13 @@ import signal
 import time
 
 import pytest
+import yaml
 import torch
 from safetensors.torch import load_file
 
 from ddiff_core.checkpoint import MANIFEST, latest_checkpoint
 
-from .conftest import kill_tree, run_main, run_script, start_script, train_args
+from .conftest import DEMO_DATA, kill_tree, run_main, run_script, start_script, train_args
 
 # Mid-epoch checkpoints (every 7 steps), accumulation, LR warm-up then decay, dropout (global RNG) on.
 RUN = ["--max_train_steps", "36", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "7",
@@ -132,3 +133,25 @@ def test_non_finite_loss_stops_with_the_step_and_files(tiny_flux, tmp_path):
     for checkpoint in out.glob("checkpoint-*"):
         for value in load_file(checkpoint / "lora.safetensors").values():
             assert torch.isfinite(value).all(), checkpoint
+
+
+def test_a_resume_keeps_the_recorded_values_of_flags_left_unset(tiny_flux, tmp_path):
+    # Flags whose default is the family's (--weighting_scheme, --max_sequence_length) and the default bucket list
+    # may change between versions; a run resumed after such a change must keep what it started with, not be refused
+    # as another run. Here the first launch sets them; the resume leaves them unset.
+    def args(out, steps, *extra):
+        return ["--pretrained_model_name_or_path", str(tiny_flux), "--instance_data_dir", str(DEMO_DATA),
+                "--output_dir", str(out), "--resolution", "64", "--train_batch_size", "2", "--seed", "0",
+                "--report_to", "none", "--checkpointing_steps", "2", "--max_train_steps", str(steps), *extra]
+
+    out = tmp_path / "out"
+    run_script("train_lora.py", args(out, 2, "--weighting_scheme", "logit_normal", "--max_sequence_length", "24",
+                                     "--aspect_ratio_buckets", "48,112;64,64"))
+    run_script("train_lora.py", args(out, 4, "--use_aspect_ratio_buckets", "--resume_from_checkpoint", "latest"))
+    config = yaml.safe_load((out / "training_config.yaml").read_text())
+    assert (config["weighting_scheme"], config["max_sequence_length"]) == ("logit_normal", 24)
+    assert {b["bucket"] for b in json.loads((out / "buckets.json").read_text())["buckets"]} <= {"48x112", "64x64"}
+    assert [step for step, _, _ in _log(out)] == [1, 2, 3, 4]
+    run_script("train_lora.py", args(tmp_path / "fresh", 1))  # a fresh run takes the family's defaults
+    config = yaml.safe_load((tmp_path / "fresh" / "training_config.yaml").read_text())
+    assert (config["weighting_scheme"], config["max_sequence_length"]) == ("none", 512)

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ddiff_core.config import LossSettings, TrainConfig
+from ddiff_core.config import WEIGHTING_SCHEMES, LossSettings, TrainConfig
 from ddiff_core.latents import LatentNorm
 
 
@@ -49,15 +49,17 @@ class ModelFamily(ABC):
     default_lora_preset: ClassVar[str]
     #: Image sides must be a multiple of this (VAE downsampling times latent packing).
     resolution_multiple: ClassVar[int] = 8
-    #: The default aspect buckets' sides are a multiple of this: sizes the denoiser takes without resampling inside.
-    bucket_multiple: ClassVar[int] = 64
+    #: The default aspect buckets' sides are a multiple of this (None: ``resolution_multiple``): sizes the denoiser
+    #: takes without resampling inside.
+    bucket_multiple: ClassVar[int | None] = None
     #: Key prefix for diffusers' PEFT -> kohya conversion; None where diffusers cannot convert.
     kohya_prefix: ClassVar[str | None] = None
     #: Epsilon/v-prediction families take --snr_gamma, --noise_offset and --prediction_type.
     noise_prediction: ClassVar[bool] = False
-    #: Validation uses classifier-free guidance, so empty-prompt embeddings are encoded too.
+    #: Validation uses classifier-free guidance, so unconditional (negative) embeddings are made too.
     uses_cfg: ClassVar[bool] = False
-    #: Defaults of the flags left unset (None): the family's upstream training script's and stock pipeline's.
+    #: Defaults of the flags left unset (None): the family's own (SD3: logit-normal timesteps as upstream's SD3 script,
+    #: 256 T5 tokens as the SD3 pipeline, where upstream's script uses 77).
     default_weighting_scheme: ClassVar[str] = "none"
     default_max_sequence_length: ClassVar[int] = 512
 
@@ -142,7 +144,7 @@ class ModelFamily(ABC):
 
     def validation_embeds(self, components, prompts: list[str], *, device, max_sequence_length: int) -> dict:
         """Embeddings the pipeline needs for validation images, encoded once so the encoders can be freed;
-        families that validate with classifier-free guidance get empty-prompt ``negative_*`` embeddings too."""
+        families that validate with classifier-free guidance get the stock pipeline's ``negative_*`` embeddings too."""
         embeds = self.encode_prompts(components, prompts, device=device, max_sequence_length=max_sequence_length)
         if not self.uses_cfg:
             return embeds
@@ -154,11 +156,24 @@ class ModelFamily(ABC):
         count = len(next(iter(embeds.values())))
         return self.encode_prompts(components, [""] * count, device=device, max_sequence_length=max_sequence_length)
 
-    def resolve_config(self, config: TrainConfig) -> TrainConfig:
-        """``config`` with the family's defaults in place of the flags left unset."""
-        return dataclasses.replace(
-            config, weighting_scheme=config.weighting_scheme or self.default_weighting_scheme,
-            max_sequence_length=config.max_sequence_length or self.default_max_sequence_length)
+    def resolve_config(self, config: TrainConfig, recorded: dict | None = None) -> TrainConfig:
+        """``config`` with the flags left unset filled in: from ``recorded`` (the settings in the run.json of a run
+        being resumed, so a run keeps what it started with when a default changes) where valid, else the family's
+        defaults."""
+        recorded = recorded or {}
+        scheme, length = recorded.get("weighting_scheme"), recorded.get("max_sequence_length")
+        if scheme not in WEIGHTING_SCHEMES:
+            scheme = self.default_weighting_scheme
+        if not (type(length) is int and 1 <= length <= 4096):
+            length = self.default_max_sequence_length
+        return dataclasses.replace(config, weighting_scheme=config.weighting_scheme or scheme,
+                                   max_sequence_length=config.max_sequence_length or length)
+
+    def default_buckets(self, resolution: int) -> list:
+        """The aspect buckets used when none are given: film and photo frames at about ``resolution``² pixels."""
+        from ddiff_core.buckets import default_buckets
+
+        return default_buckets(resolution, self.bucket_multiple or self.resolution_multiple)
 
     def loss_settings(self, config: TrainConfig | None = None) -> LossSettings:
         """The objective's settings of ``config`` (the defaults when None), the family's defaults filled in."""

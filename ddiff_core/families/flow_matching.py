@@ -83,7 +83,6 @@ class FlowMatchingFamily(ModelFamily):
     """A rectified-flow family: it says how its denoiser predicts the velocity; the rest is shared."""
 
     resolution_multiple = 16  # 8x VAE, then 2x2 patches or packing
-    bucket_multiple = 16
 
     def training_objective(self, components, settings):
         return FlowMatchingObjective(self, components["scheduler"].config, settings)

@@ -22,6 +22,7 @@ class UNetFamily(ModelFamily):
     }
     default_lora_preset = "attention"
     noise_prediction = True
+    bucket_multiple = 64  # the UNets halve the latent 2 (SDXL) or 3 (SD1.5) times
     uses_cfg = True
     kohya_prefix = "unet"
 
