@@ -1,6 +1,7 @@
 """Benchmark options: --device, --dtype, --model-size (tiny | small | full)."""
 
 import os
+import signal
 
 import pytest
 
@@ -8,6 +9,10 @@ from benchmarks.cases import Env
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# gpu_run.sh ends a session at its time limit with SIGINT; a process started in the background of a non-interactive
+# shell inherits SIGINT ignored, and the session would then run on to the SIGKILL and write no JSON at all.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_addoption(parser):
