@@ -37,7 +37,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: bf16 on cuda, fp32 on cpu")
     parser.add_argument("--max_sequence_length", type=int, default=None,
-                        help="T5 tokens per prompt (default: the family's, as in training: 512 for FLUX, 256 for SD3)")
+                        help="T5 tokens per prompt, for every LoRA (default: the length each LoRA was trained at, "
+                             "from its training_config.yaml, else the family's: 512 for FLUX, 256 for SD3)")
     parser.add_argument("--default_size", type=int, default=None, help="default: 512 on cuda, 128 on cpu")
     parser.add_argument("--default_steps", type=int, default=None, help="default: 28 on cuda, 4 on cpu")
     parser.add_argument("--generations_per_minute", type=int, default=10, help="per client address")

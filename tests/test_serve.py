@@ -375,3 +375,37 @@ def test_serves_every_family(family, tmp_path):
     assert base.size == (64, 64)
     same_prompt = [server.single("<lynch-style> a diner", style, 0, 2, 64, 3.5) for style in ("(base model)", "lynch-style")]
     assert (_pixels(same_prompt[0]) - _pixels(same_prompt[1])).abs().max() > 0
+
+
+def test_each_lora_is_served_at_the_text_length_it_was_trained_at(tiny_flux, tmp_path):
+    # Without an attention mask, FLUX and SD3 read T5's padding too: a LoRA trained at 64 tokens is conditioned
+    # differently at 512. Each LoRA's images (base and LoRA alike, so the LoRA is the only difference) use the length
+    # in its training_config.yaml; a folder without one, or with a value that is no length, gets the family's default.
+    from ddiff_core.families import get_family
+    from ddiff_core.serving.server import StyleServer
+
+    loras = make_loras(tiny_flux, tmp_path / "loras", ["short", "plain", "bomb"])
+    (loras / "short" / "training_config.yaml").write_text("max_sequence_length: 64\nrank: 4\n")
+    (loras / "bomb" / "training_config.yaml").write_text("a: &a [1, 1]\nb: [*a, *a]\nmax_sequence_length: 100000\n")
+    lengths = []
+
+    def serve(**kwargs):
+        server = StyleServer.load(get_family("flux"), str(tiny_flux), loras, tmp_path / "votes.sqlite", **kwargs)
+        call = type(server.pipeline).__call__
+
+        def recording(pipe, *args, **kw):
+            lengths.append(kw.get("max_sequence_length"))
+            return call(pipe, *args, **kw)
+
+        server.pipeline.__class__ = type("Recording", (type(server.pipeline),), {"__call__": recording})
+        return server
+
+    server = serve()
+    assert server.styles() == ["bomb", "plain", "short"]
+    for style in ("short", "plain", "bomb"):
+        server.compare("a diner", style, 0, 1, 64, 3.5)
+    server.single("a diner", "(base model)", 0, 1, 64, 3.5)
+    assert lengths == [64, 64, 512, 512, 512, 512, 512]
+    lengths.clear()
+    serve(max_sequence_length=32).compare("a diner", "short", 0, 1, 64, 3.5)  # asked for: every LoRA
+    assert lengths == [32, 32]

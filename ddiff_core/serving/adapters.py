@@ -36,6 +36,7 @@ class LoraInfo:
     stamp: tuple = ()  # (size, mtime) of the weights file: a change means a retrained LoRA
     error: str | None = None  # why it cannot be served, or None
     weight_name: str = LORA_WEIGHTS_NAME  # the weights file in the folder (the EMA copy for an evaluation of it)
+    max_sequence_length: int | None = None  # the text length it was trained at (training_config.yaml), if known
 
     @property
     def adapter(self) -> str:
@@ -47,6 +48,20 @@ def _card_trigger(card: Path) -> str | None:
         return None
     match = re.search(r"^instance_prompt:\s*\"?([^\"\n]+?)\"?\s*$", card.read_text(errors="replace"), re.MULTILINE)
     return None if not match or match.group(1) == "null" else match.group(1)
+
+
+def _trained_length(config: Path) -> int | None:
+    """The T5 length a ddiff run trained at, from its training_config.yaml: a plain file of at most 1 MiB, parsed
+    without aliases; None when absent or not a length (a received folder's file is never trusted further)."""
+    from ddiff_core.config import ConfigError, load_yaml_mapping
+
+    if not config.is_file() or config.is_symlink() or config.stat().st_size > 1 << 20:
+        return None
+    try:
+        length = load_yaml_mapping(config.read_text(errors="replace"), config.name).get("max_sequence_length")
+    except ConfigError:
+        return None
+    return length if type(length) is int and 1 <= length <= 512 else None
 
 
 def _problem(folder: Path, root: Path, weight_name: str = LORA_WEIGHTS_NAME) -> str | None:
@@ -79,7 +94,8 @@ def lora_info(folder: Path, root: Path, weight_name: str = LORA_WEIGHTS_NAME) ->
     loaded; ``root`` is scrubbed from messages."""
     try:
         return LoraInfo(folder.name, folder, _card_trigger(folder / "README.md"), _file_stamp(folder / weight_name),
-                        _problem(folder, root, weight_name), weight_name)
+                        _problem(folder, root, weight_name), weight_name,
+                        _trained_length(folder / "training_config.yaml"))
     except OSError as err:  # unreadable, or removed while listed: shown as unavailable, the rest is served
         return LoraInfo(folder.name, folder, None, (), f"unreadable ({err.strerror})", weight_name)
 

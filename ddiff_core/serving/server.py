@@ -11,6 +11,7 @@ import re
 import secrets
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,9 +92,10 @@ class StyleServer:
     """Generates base and LoRA images from one set of base weights."""
 
     def __init__(self, pipeline, catalog: LoraCatalog, votes: VoteStore, limits: Limits = Limits(),
-                 prompt_kwargs: dict | None = None):
+                 text_kwargs: Callable[[LoraInfo | None], dict] | None = None):
         self.pipeline, self.catalog, self.votes, self.limits = pipeline, catalog, votes, limits
-        self.prompt_kwargs = prompt_kwargs or {}  # the family's extra text arguments
+        # The family's extra text arguments for a LoRA's images (or, with None, the base model's alone).
+        self.text_kwargs = text_kwargs or (lambda info: {})
         self.bank = AdapterBank(pipeline, catalog)
         self._pairs = tempfile.TemporaryDirectory(prefix="ddiff-pairs-")  # blind pairs' files, removed at exit
 
@@ -103,8 +105,15 @@ class StyleServer:
         """Loads the family's pipeline once and serves every LoRA folder under ``lora_dir`` from it."""
         pipeline = family.load_pipeline(model_path, dtype=dtype).to(device)
         pipeline.set_progress_bar_config(disable=True)
+
+        def text_kwargs(info: LoraInfo | None) -> dict:
+            # The length asked for, else the one the LoRA was trained at, else the family's default. Base and LoRA
+            # images of one comparison read the same length, so the LoRA is the only difference between them.
+            length = max_sequence_length or (info.max_sequence_length if info else None)
+            return family.prompt_kwargs(length or family.default_max_sequence_length)
+
         return cls(pipeline, LoraCatalog(lora_dir), VoteStore(votes_db, votes_per_hour=votes_per_hour), limits,
-                   prompt_kwargs=family.prompt_kwargs(max_sequence_length or family.default_max_sequence_length))
+                   text_kwargs=text_kwargs)
 
     def styles(self) -> list[str]:
         """The LoRAs that can be served now (the folder is read again only when it changed)."""
@@ -135,14 +144,17 @@ class StyleServer:
         raise RequestError(f"unknown LoRA {name[:60]!r}; loaded: {', '.join(available) or 'none'}")
 
     # -- generation --------------------------------------------------------------------------
-    def _image(self, prompt: str, lora: str | None, steps: int, height: int, width: int, guidance: float, seed: int):
+    def _image(self, prompt: str, lora: str | None, steps: int, height: int, width: int, guidance: float, seed: int,
+               info: LoraInfo | None = None):
+        """One image; ``lora`` the adapter to apply (None: the base model), ``info`` the LoRA whose text length to
+        use (for both images of a comparison)."""
         with self.bank.lock:
             self.bank.select(lora)
             device = self.pipeline.device
             with torch.no_grad():
                 return self.pipeline(
                     prompt=prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
-                    generator=torch.Generator(device).manual_seed(seed), **self.prompt_kwargs,
+                    generator=torch.Generator(device).manual_seed(seed), **self.text_kwargs(info),
                 ).images[0]
 
     def compare(self, prompt, style, seed, steps, size, guidance, aspect="1:1"):
@@ -150,8 +162,8 @@ class StyleServer:
         prompt, steps, height, width, guidance, seed = self.check(prompt, steps, size, guidance, seed, aspect)
         info = self.style(style)
         lora_prompt, base_prompt = styled_prompts(prompt, info)
-        return (self._image(base_prompt, None, steps, height, width, guidance, seed),
-                self._image(lora_prompt, info.name, steps, height, width, guidance, seed))
+        return (self._image(base_prompt, None, steps, height, width, guidance, seed, info),
+                self._image(lora_prompt, info.name, steps, height, width, guidance, seed, info))
 
     def single(self, prompt, style, seed, steps, size, guidance, aspect="1:1"):
         """One image, from a LoRA or (``style`` == BASE) the base model."""
@@ -159,7 +171,7 @@ class StyleServer:
         if style == BASE:
             return self._image(prompt, None, steps, height, width, guidance, seed)
         info = self.style(style)
-        return self._image(styled_prompts(prompt, info)[0], info.name, steps, height, width, guidance, seed)
+        return self._image(styled_prompts(prompt, info)[0], info.name, steps, height, width, guidance, seed, info)
 
     def blind(self, prompt, style, steps, size, guidance, aspect="1:1", client: str = "") -> tuple[Path, Path, str]:
         """Base and LoRA images in random order, as (left file, right file, pair token).
@@ -171,8 +183,8 @@ class StyleServer:
         info = self.style(style)
         token, base_side, seed = self.votes.new_pair(info.name, prompt, client)
         lora_prompt, base_prompt = styled_prompts(prompt, info)
-        base = self._image(base_prompt, None, steps, height, width, guidance, seed)
-        lora = self._image(lora_prompt, info.name, steps, height, width, guidance, seed)
+        base = self._image(base_prompt, None, steps, height, width, guidance, seed, info)
+        lora = self._image(lora_prompt, info.name, steps, height, width, guidance, seed, info)
         left, right = (base, lora) if base_side == "left" else (lora, base)
         return self._pair_file(left), self._pair_file(right), token
 
