@@ -5,7 +5,7 @@
 #   2. a 100-step run of scripts/train_lora.py --compile on the small random model: its graph count (run_summary.json).
 #   bash benchmarks/gpu_run.sh OUT_DIR
 # Carries diffusers (and what else the machine lacks) as wheels in .whl/. Results: OUT_DIR/full.json,
-# OUT_DIR/RESULTS-gpu.md, OUT_DIR/compile-100-steps.json and its log, OUT_DIR/compile-100-steps.log.
+# OUT_DIR/RESULTS-gpu.md, OUT_DIR/compile-100-steps.json and OUT_DIR/compile-100-steps.log.
 set -uo pipefail
 out="${1:-.benchmarks}"; mkdir -p "$out"
 if ! python3 -c "import diffusers" 2>/dev/null; then

@@ -115,9 +115,15 @@ class RunIdentity:
 
 
 def read_run_file(output_dir: Path) -> dict | None:
-    """The settings recorded in ``output_dir/run.json``, or None when absent or unreadable."""
+    """The settings recorded in ``output_dir/run.json``, or None when absent, unreadable or not a plain file of at
+    most 1 MiB (a resumed folder may come from someone else)."""
+    from ddiff_core.checkpoint import regular_file
+
+    path = Path(output_dir) / RUN_FILE
+    if not regular_file(path, 1 << 20):
+        return None
     try:
-        settings = json.loads((Path(output_dir) / RUN_FILE).read_bytes())["settings"]
+        settings = json.loads(path.read_bytes())["settings"]
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
     return settings if isinstance(settings, dict) else None

@@ -76,6 +76,8 @@ def main(argv=None) -> int:
     try:
         if min(args.generations_per_minute, args.votes_per_hour, args.queue_size) < 1:
             raise ValueError("--generations_per_minute, --votes_per_hour and --queue_size must be at least 1")
+        if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= 512:
+            raise ValueError(f"--max_sequence_length must be between 1 and 512, got {args.max_sequence_length}")
         auth = check_exposure(args.host, read_auth(args))
         allowed_hosts = tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip())
         if args.host in ("0.0.0.0", "::") and not allowed_hosts:

@@ -324,6 +324,10 @@ def test_votes_db_inside_the_lora_folder_and_a_wildcard_bind_without_names_are_r
     code, stderr = run_main("serve.py", ["--pretrained_model_name_or_path", str(tiny_flux), "--lora_dir", str(tmp_path),
                                          "--votes_db", str(tmp_path.parent / "v.sqlite"), "--host", "0.0.0.0"], capsys)
     assert code == 2 and "--allowed_hosts" in stderr.strip().splitlines()[-1]
+    code, stderr = run_main("serve.py", ["--pretrained_model_name_or_path", str(tiny_flux), "--lora_dir", str(tmp_path),
+                                         "--votes_db", str(tmp_path.parent / "v.sqlite"), "--max_sequence_length", "0"],
+                            capsys)
+    assert code == 2 and "--max_sequence_length must be between 1 and 512" in stderr.strip().splitlines()[-1]
 
 
 def test_refuses_a_public_address_without_auth(tiny_flux, tmp_path):

@@ -164,7 +164,7 @@ class ModelFamily(ABC):
         scheme, length = recorded.get("weighting_scheme"), recorded.get("max_sequence_length")
         if scheme not in WEIGHTING_SCHEMES:
             scheme = self.default_weighting_scheme
-        if not (type(length) is int and 1 <= length <= 4096):
+        if not (type(length) is int and 1 <= length <= 512):
             length = self.default_max_sequence_length
         return dataclasses.replace(config, weighting_scheme=config.weighting_scheme or scheme,
                                    max_sequence_length=config.max_sequence_length or length)

@@ -53,9 +53,10 @@ def _card_trigger(card: Path) -> str | None:
 def _trained_length(config: Path) -> int | None:
     """The T5 length a ddiff run trained at, from its training_config.yaml: a plain file of at most 1 MiB, parsed
     without aliases; None when absent or not a length (a received folder's file is never trusted further)."""
-    from ddiff_core.config import ConfigError, load_yaml_mapping
+    from ddiff_core.checkpoint import regular_file
+    from ddiff_core.config import MAX_CONFIG_BYTES, ConfigError, load_yaml_mapping
 
-    if not config.is_file() or config.is_symlink() or config.stat().st_size > 1 << 20:
+    if not regular_file(config, MAX_CONFIG_BYTES):
         return None
     try:
         length = load_yaml_mapping(config.read_text(errors="replace"), config.name).get("max_sequence_length")
