@@ -2,6 +2,7 @@
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +44,56 @@ def pytest_benchmark_generate_json(config, benchmarks, include_data, machine_inf
         if not bench:
             bench.fixture.has_error = True
     return (yield)
+
+
+def _json_path(config) -> Path | None:
+    session = getattr(config, "_benchmarksession", None)
+    target = getattr(session, "json", None)
+    if target is None:
+        return None
+    return Path(getattr(target, "name", target))  # older pytest-benchmark releases hand over an open file
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_logfinish(nodeid, location):
+    """After each test, every variant measured so far, at the ``--benchmark-json`` path + ``.partial`` (atomically).
+    pytest-benchmark writes its JSON only when the session ends; a run killed at its time limit (a SIGKILL, or a
+    SIGINT heard too late, inside a compile) would bring back nothing. The H200 window of 2026-11-27 lost the JSON
+    of ten measured variants that way. A session that ends normally removes the partial file."""
+    config = _CONFIG.get("config")
+    path = _json_path(config)
+    if path is None:
+        return
+    session = config._benchmarksession
+    measured = [bench for bench in session.benchmarks if bench]
+    if not measured:
+        return
+    from pytest_benchmark.utils import safe_dumps
+
+    if "machine_info" not in _CONFIG:
+        _CONFIG["machine_info"] = session.get_machine_info()
+        _CONFIG["commit_info"] = config.hook.pytest_benchmark_generate_commit_info(config=config)
+    output = config.hook.pytest_benchmark_generate_json(config=config, benchmarks=measured, include_data=True,
+                                                         machine_info=_CONFIG["machine_info"],
+                                                         commit_info=_CONFIG["commit_info"])
+    partial = partial_path(path)
+    tmp = partial.with_name(partial.name + ".tmp")
+    tmp.write_text(safe_dumps(output, ensure_ascii=True, indent=4))
+    os.replace(tmp, partial)
+
+
+_CONFIG: dict = {}
+
+
+def pytest_configure(config):
+    _CONFIG["config"] = config
+
+
+def pytest_unconfigure(config):
+    path = _json_path(config)
+    if path is not None and path.is_file() and path.stat().st_size > 0:
+        partial_path(path).unlink(missing_ok=True)

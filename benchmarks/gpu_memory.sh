@@ -8,7 +8,7 @@
 set -uo pipefail
 out="${1:-.benchmarks}"; mkdir -p "$out"
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -16,5 +16,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
 timeout -s INT -k 20 220 python3 -m pytest benchmarks/test_memory.py -p no:cacheprovider -m "not slow" -q -rs --device cuda \
   --dtype bf16 --model-size full --benchmark-json "$out/memory.json" --benchmark-columns=median,rounds
-python3 -m benchmarks.report "$out/memory.json" --output "$out/RESULTS-memory.md" --notes /dev/null
+[ -s "$out/memory.json" ] || mv -f "$out/memory.json.partial" "$out/memory.json" 2>/dev/null
+[ -s "$out/memory.json" ] && python3 -m benchmarks.report "$out/memory.json" --output "$out/RESULTS-memory.md" --notes /dev/null
 exit 0

@@ -82,3 +82,56 @@ def run_case(benchmark, env: Env, case: str, variant: str, *, rounds: int, timin
     # still goes through the fresh-process probe, so that path cannot rot either.
     if case != "ddp_no_sync" and (timing or case == "feature_caches"):
         benchmark.extra_info.update(peak_memory(env, case, variant, fn, timing))
+
+
+# What a GPU kernel's name says it does, first match wins (names as CUDA, cuBLAS, FlashAttention and inductor give them).
+KERNEL_CATEGORIES = [
+    ("communication", ("nccl",)),
+    ("attention backward", ("flash_bwd", "fmha_bwd", "fmha_cutlassb", "attention_backward", "_bwd_", "bprop")),
+    ("attention forward", ("flash_fwd", "fmha", "flash", "attention")),
+    ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "sm80_", "cublas", "matmul", "splitk")),
+    ("compiled (triton)", ("triton_",)),
+    ("dtype copies", ("copy",)),
+    ("optimizer", ("multi_tensor_apply", "adam")),
+    ("norms and reductions", ("reduce", "norm", "softmax")),
+    ("other elementwise", ("elementwise", "vectorized", "unrolled")),
+]
+
+
+def kernel_category(name: str) -> str:
+    lowered = name.lower()
+    return next((category for category, marks in KERNEL_CATEGORIES if any(m in lowered for m in marks)), "other")
+
+
+def kernel_table(kernels: list[tuple[str, float, int]], steps: int = 1) -> list[dict]:
+    """GPU time per step by kernel category, largest first, from (kernel name, total microseconds, launches)."""
+    total = sum(us for _, us, _ in kernels) or 1.0
+    rows: dict[str, dict] = {}
+    for name, us, count in kernels:
+        row = rows.setdefault(kernel_category(name), {"category": kernel_category(name), "ms": 0.0, "launches": 0,
+                                                      "top": ("", 0.0)})
+        row["ms"] += us / 1000 / steps
+        row["launches"] += count // steps
+        if us > row["top"][1]:
+            row["top"] = (name, us)
+    table = sorted(rows.values(), key=lambda r: -r["ms"])
+    for row in table:
+        row["share"] = row["ms"] * steps * 1000 / total
+        row["top"] = row["top"][0][:90]
+    return table
+
+
+def profile_kernels(step, steps: int = 2) -> list[dict]:
+    """The kernel table of ``steps`` calls of ``step`` under torch.profiler (CUDA kernels only; for the report, never
+    for timing: the profiler slows the host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+    kernels = []
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            us = getattr(event, "self_device_time_total", None)
+            kernels.append((event.key, us if us is not None else event.self_cuda_time_total, event.count))
+    return kernel_table(kernels, steps)

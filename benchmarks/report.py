@@ -222,6 +222,9 @@ def render(paths: list[Path]) -> str:
                          f"{e.get('mfu', float('nan')) * 100:.1f}% | {e.get('graphs', 'n/a')} | "
                          f"{e.get('host_syncs', 'n/a')} |")
         lines.append("")
+        for b in trainer:
+            if b["extra_info"].get("kernels"):
+                lines += render_kernels(b)
     full = [b for b in benches if b["extra_info"]["case"].startswith("full_flux_")
             and b["extra_info"]["case"] != "full_flux_trainer"]
     if full:
@@ -239,6 +242,21 @@ def render(paths: list[Path]) -> str:
                          f"{e['mfu'] * 100:.1f}% |")
         lines.append("")
     return "\n".join(lines)
+
+
+def render_kernels(bench: dict) -> list[str]:
+    """Where one step's GPU time goes, by kernel category (``benchmarks.harness.kernel_table``)."""
+    e = bench["extra_info"]
+    gpu_ms = sum(row["ms"] for row in e["kernels"])
+    lines = [f"### Where the GPU time of one step goes: {e['variant']}", "",
+             f"torch.profiler over two steps after the timing; kernel time {gpu_ms:.0f} ms per step against "
+             f"{bench['stats']['median'] * 1000:.0f} ms of wall time (the rest: the GPU waiting for the host).", "",
+             "| kernels | GPU ms/step | share | launches/step | largest kernel |", "|---|---|---|---|---|"]
+    for row in e["kernels"]:
+        top = row["top"].replace("|", "/")
+        lines.append(f"| {row['category']} | {row['ms']:.1f} | {row['share'] * 100:.0f}% | {row['launches']} | "
+                     f"`{top}` |")
+    return lines + [""]
 
 
 def main() -> None:

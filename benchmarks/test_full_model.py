@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from benchmarks.cases import model_dir, sync
-from benchmarks.harness import versions
+from benchmarks.harness import profile_kernels, versions
 from ddiff_core.builders import (add_trainable_lora, build_lr_scheduler, build_optimizer, remove_trainable_lora,
                                  trainable_params)
 from ddiff_core.caching import FeatureCache, TrainingFeatures
@@ -40,6 +40,8 @@ FULL_VARIANTS = [(1024, 1, False, 0, False), (1024, 1, True, 0, False),
                  (1024, 1, False, 1, False), (1024, 1, False, 2, False), (1024, 1, False, 0, True),
                  (512, 1, False, 0, False), (512, 2, False, 0, False),
                  (1024, 1, True, 1, False), (1024, 1, True, 2, False), (512, 1, True, 0, False), (512, 2, True, 0, False)]
+
+KERNEL_TABLE_VARIANTS = (0, 1)  # the goal's configuration, eager and compiled: where its GPU time goes
 
 
 def _peak_flops() -> float:
@@ -159,6 +161,8 @@ def _run_variant(benchmark, bench_env, base, index):
                                     params_b=sum(p.numel() for p in model.parameters()) / 1e9)
         if benchmark.stats:  # None with --benchmark-disable
             benchmark.extra_info["mfu"] = flops / benchmark.stats.stats.median / _peak_flops()
+        if device.type == "cuda" and bench_env.size == "full" and index in KERNEL_TABLE_VARIANTS:
+            benchmark.extra_info["kernels"] = profile_kernels(step)  # after the timing: the profiler slows the host
     finally:
         optimizer.zero_grad(set_to_none=True)
         remove_trainable_lora(model, family)

@@ -20,7 +20,7 @@ def load_base(family, path: str, *, dtype: torch.dtype, device, revision: str | 
               variant: str | None = None, quantization: str = "none", bnb_config_path: str | None = None) -> dict:
     """The family's components (frozen, eval mode) in ``dtype`` on ``device``; the denoiser's weights quantized
     (``int8``, ``fp8``, ``nf4``; see ddiff_core.quantization) when asked."""
-    from ddiff_core.quantization import pipeline_quantization
+    from ddiff_core.quantization import follow_autocast, pipeline_quantization
 
     config = pipeline_quantization(quantization, family.denoiser_name, dtype, bnb_config_path)
     components = family.load_components(path, revision=revision, variant=variant, dtype=dtype,
@@ -28,6 +28,8 @@ def load_base(family, path: str, *, dtype: torch.dtype, device, revision: str | 
     for name, module in components.items():
         if isinstance(module, torch.nn.Module) and not (name == family.denoiser_name and quantization == "nf4"):
             module.to(device)  # bitsandbytes places its 4-bit weights on the GPU itself and refuses a move
+    if config is not None:
+        follow_autocast(components[family.denoiser_name])
     return components
 
 

@@ -30,3 +30,76 @@ def test_a_run_cut_off_mid_variant_still_writes_the_variants_it_measured(tmp_pat
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert "KeyboardInterrupt" in proc.stdout + proc.stderr
     assert [b["name"] for b in json.loads(out.read_text())["benchmarks"]] == ["test_measured"]
+
+
+def test_a_run_killed_mid_variant_leaves_the_variants_it_measured_in_a_partial_json(tmp_path):
+    # A SIGINT heard too late (inside a long compile) runs on to timeout's SIGKILL, and pytest-benchmark, which writes
+    # its JSON only at the session's end, would bring back nothing: the partial file, rewritten after each test, stays.
+    (tmp_path / "test_killed.py").write_text(textwrap.dedent("""
+        import os, signal
+
+        def test_measured(benchmark):
+            benchmark.pedantic(lambda: None, rounds=2)
+
+        def test_also_measured(benchmark):
+            benchmark.pedantic(lambda: None, rounds=2)
+
+        def test_killed(benchmark):
+            os.kill(os.getpid(), signal.SIGKILL)
+    """))
+
+    def run(*selection):
+        out = tmp_path / f"out{len(selection)}.json"
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
+                               "benchmarks.conftest", "test_killed.py", *selection, "--benchmark-json", str(out)],
+                              cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+                              timeout=300)
+        return proc, out, out.with_name(out.name + ".partial")
+
+    proc, out, partial = run()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists() or out.stat().st_size == 0
+    assert [b["name"] for b in json.loads(partial.read_text())["benchmarks"]] == ["test_measured", "test_also_measured"]
+    proc, out, partial = run("-k", "measured")  # a session that ends normally: the full JSON, no partial beside it
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert [b["name"] for b in json.loads(out.read_text())["benchmarks"]] == ["test_measured", "test_also_measured"]
+    assert not partial.exists()
+
+
+def test_the_kernel_table_sorts_a_steps_gpu_time_by_what_each_kernel_does_and_the_report_shows_it(tmp_path):
+    from benchmarks.harness import kernel_category, kernel_table
+    from benchmarks.report import render
+
+    named = {  # kernel names as the H100/H200 stacks print them
+        "void flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<128>>": "attention backward",
+        "fmha_cutlassB_bf16_aligned_64x64_k128_sm80": "attention backward",
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128>>": "attention forward",
+        "nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT": "GEMM",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64": "GEMM",
+        "triton_poi_fused__to_copy_add_mul_0": "compiled (triton)",
+        "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)>":
+            "dtype copies",
+        "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>": "norms and reductions",
+        "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>": "optimizer",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>": "other elementwise",
+        "ncclDevKernel_AllReduce_Sum_f32_RING_LL": "communication",
+        "Memset (Device)": "other",
+    }
+    assert {name: kernel_category(name) for name in named} == named
+    kernels = [(name, 1000.0 * (i + 1), 2 * (i + 1)) for i, name in enumerate(named)]  # two steps
+    table = kernel_table(kernels, steps=2)
+    assert [row["ms"] for row in table] == sorted((row["ms"] for row in table), reverse=True)
+    assert abs(sum(row["share"] for row in table) - 1) < 1e-9
+    assert abs(sum(row["ms"] for row in table) - sum(us for _, us, _ in kernels) / 2000) < 1e-9
+    attention_bwd = next(row for row in table if row["category"] == "attention backward")
+    assert (attention_bwd["ms"], attention_bwd["launches"]) == (1.5, 3)  # (1 + 2) ms over 2 steps, (2 + 4) / 2
+    assert attention_bwd["top"] == "fmha_cutlassB_bf16_aligned_64x64_k128_sm80"
+
+    info = {"case": "full_flux_trainer", "variant": "1024px-b1-compile-no-ckpt", "resolution": 1024, "batch": 1,
+            "compile": True, "checkpointing_interval": 0, "peft_input_casts": False, "torch": "2.11", "diffusers": "0.42",
+            "device_name": "NVIDIA H200", "kernels": table}
+    path = tmp_path / "full.json"
+    path.write_text(json.dumps({"benchmarks": [{"name": "t", "extra_info": info, "stats": {"median": 0.5}}]}))
+    text = render([path])
+    assert "### Where the GPU time of one step goes: 1024px-b1-compile-no-ckpt" in text
+    assert f"| attention backward | 1.5 | {attention_bwd['share'] * 100:.0f}% | 3 |" in text

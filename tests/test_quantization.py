@@ -58,6 +58,39 @@ def test_an_int8_base_trains_resumes_exactly_and_its_lora_loads_into_the_full_pr
 
 
 @needs_torchao
+def test_quantized_layers_compute_in_the_autocast_dtype_as_unquantized_ones_do(tiny_flux):
+    """torchao's int8 weights take F.linear over before autocast sees it: an fp32 activation (on CUDA, every
+    layer_norm's output under autocast) would keep the residual stream in fp32 from there on, 2 GiB more at 1024 px
+    on the H200. Fed fp32 inputs under bf16 autocast, the int8 base must compute in bf16 block by block, as the
+    unquantized base does."""
+    from ddiff_core.quantization import follow_autocast
+
+    family = get_family("flux")
+    seen = {}
+    for kind in ("none", "int8"):
+        model = load_base(family, str(tiny_flux), dtype=torch.bfloat16, device="cpu", quantization=kind)["transformer"]
+        dtypes = set()
+
+        def record(module, args, out):
+            dtypes.update(t.dtype for t in (out if isinstance(out, tuple) else (out,)) if torch.is_tensor(t))
+
+        for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
+            block.register_forward_hook(record)
+        c, tokens, text = model.config, 16, 8
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            out = model(hidden_states=torch.randn(1, tokens, c.in_channels, generator=generator),
+                        encoder_hidden_states=torch.randn(1, text, c.joint_attention_dim, generator=generator),
+                        pooled_projections=torch.randn(1, c.pooled_projection_dim, generator=generator),
+                        timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]) if c.guidance_embeds else None,
+                        img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(text, 3), return_dict=False)[0]
+        seen[kind] = (dtypes, out.dtype)
+        if kind == "int8":
+            assert follow_autocast(model) == 0  # every quantized layer was hooked at load, and only once
+    assert seen["int8"] == seen["none"] == ({torch.bfloat16}, torch.bfloat16)
+
+
+@needs_torchao
 def test_an_int8_base_compiles_and_trains_as_eager(tiny_flux, tmp_path):
     """torchao's int8 weights are tensor subclasses: AOT autograd then refuses aliased block outputs (FLUX's
     single-stream block returns two views of one tensor), so ddiff's compiled blocks return copies. Validation runs
