@@ -47,11 +47,12 @@ def pytest_benchmark_generate_json(config, benchmarks, include_data, machine_inf
 
 
 def _json_path(config) -> Path | None:
-    session = getattr(config, "_benchmarksession", None)
-    target = getattr(session, "json", None)
+    target = config.getoption("benchmark_json", default=None) if config is not None else None
     if target is None:
         return None
-    return Path(getattr(target, "name", target))  # older pytest-benchmark releases hand over an open file
+    if not isinstance(target, (str, os.PathLike)):  # older pytest-benchmark releases hand over an open file
+        target = target.name
+    return Path(target)
 
 
 def partial_path(path: Path) -> Path:
@@ -90,10 +91,15 @@ _CONFIG: dict = {}
 
 
 def pytest_configure(config):
+    _CONFIG.clear()
     _CONFIG["config"] = config
+    path = _json_path(config)
+    if path is not None:  # an earlier run's partial file must never stand in for this run's
+        partial_path(path).unlink(missing_ok=True)
 
 
 def pytest_unconfigure(config):
     path = _json_path(config)
     if path is not None and path.is_file() and path.stat().st_size > 0:
         partial_path(path).unlink(missing_ok=True)
+    _CONFIG.clear()

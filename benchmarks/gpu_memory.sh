@@ -14,8 +14,10 @@ fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
+valid() { python3 -c "import json, sys; json.load(open(sys.argv[1]))" "$1" 2>/dev/null; }
+rm -f "$out/memory.json" "$out/memory.json.partial"  # an earlier run's files must not pass for this run's
 timeout -s INT -k 20 220 python3 -m pytest benchmarks/test_memory.py -p no:cacheprovider -m "not slow" -q -rs --device cuda \
   --dtype bf16 --model-size full --benchmark-json "$out/memory.json" --benchmark-columns=median,rounds
-[ -s "$out/memory.json" ] || mv -f "$out/memory.json.partial" "$out/memory.json" 2>/dev/null
-[ -s "$out/memory.json" ] && python3 -m benchmarks.report "$out/memory.json" --output "$out/RESULTS-memory.md" --notes /dev/null
+valid "$out/memory.json" || mv -f "$out/memory.json.partial" "$out/memory.json" 2>/dev/null
+valid "$out/memory.json" && python3 -m benchmarks.report "$out/memory.json" --output "$out/RESULTS-memory.md" --notes /dev/null
 exit 0

@@ -48,14 +48,22 @@ def test_a_run_killed_mid_variant_leaves_the_variants_it_measured_in_a_partial_j
             os.kill(os.getpid(), signal.SIGKILL)
     """))
 
+    results = tmp_path / "results"  # not the working directory: the JSON path must be used as given
+    results.mkdir()
+
     def run(*selection):
-        out = tmp_path / f"out{len(selection)}.json"
+        out = results / f"out{len(selection)}.json"
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
                                "benchmarks.conftest", "test_killed.py", *selection, "--benchmark-json", str(out)],
                               cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
                               timeout=300)
         return proc, out, out.with_name(out.name + ".partial")
 
+    stale = results / "out2.json.partial"  # the name of the next run's JSON
+    stale.write_text('{"benchmarks": [{"name": "from an earlier run"}]}')
+    proc, out, partial = run("-k", "not measured")  # killed in its first variant: nothing measured, and no stale stand-in
+    assert proc.returncode == -signal.SIGKILL
+    assert not partial.exists()
     proc, out, partial = run()
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists() or out.stat().st_size == 0
@@ -77,10 +85,14 @@ def test_the_kernel_table_sorts_a_steps_gpu_time_by_what_each_kernel_does_and_th
         "nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT": "GEMM",
         "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64": "GEMM",
         "triton_poi_fused__to_copy_add_mul_0": "compiled (triton)",
+        "triton_poi_fused__scaled_dot_product_flash_attention_transpose_0": "compiled (triton)",
         "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)>":
-            "dtype copies",
+            "copies and casts",
         "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>": "norms and reductions",
         "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>": "optimizer",
+        "void kOptimizer32bit2State<float, 0>": "optimizer",
+        "void at::native::(anonymous namespace)::normal_kernel<float>": "random numbers",
+        "gemvx_kernel<int, int, float>": "GEMM",
         "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>": "other elementwise",
         "ncclDevKernel_AllReduce_Sum_f32_RING_LL": "communication",
         "Memset (Device)": "other",
@@ -94,6 +106,7 @@ def test_the_kernel_table_sorts_a_steps_gpu_time_by_what_each_kernel_does_and_th
     attention_bwd = next(row for row in table if row["category"] == "attention backward")
     assert (attention_bwd["ms"], attention_bwd["launches"]) == (1.5, 3)  # (1 + 2) ms over 2 steps, (2 + 4) / 2
     assert attention_bwd["top"] == "fmha_cutlassB_bf16_aligned_64x64_k128_sm80"
+    assert kernel_table([("a_gemm", 10.0, 3), ("b_gemm", 10.0, 3)], steps=2)[0]["launches"] == 3  # 6 over 2 steps
 
     info = {"case": "full_flux_trainer", "variant": "1024px-b1-compile-no-ckpt", "resolution": 1024, "batch": 1,
             "compile": True, "checkpointing_interval": 0, "peft_input_casts": False, "torch": "2.11", "diffusers": "0.42",
