@@ -84,8 +84,10 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt(False, "Recompute activations in backward to save memory.")
     gradient_checkpointing_interval: int = _opt(1, "With --gradient_checkpointing: recompute every N-th repeated "
                                                    "block only (2: about half the memory saved, half the recompute).")
-    compile: bool = _opt(False, "Regional torch.compile: each repeated block class compiled once, reused by every "
-                                "block of it (validation runs uncompiled).")
+    compile: bool | None = _opt(None, "Regional torch.compile: each repeated block class compiled once, reused by "
+                                      "every block of it (validation runs uncompiled). Default: on for FLUX with an "
+                                      "unquantized base on one CUDA GPU or under DDP, where it was measured; off "
+                                      "elsewhere. --no-compile turns it off.")
     attention_backend: str | None = _opt(None, "diffusers attention backend (default: native SDPA, which picks "
                                                "flash attention on CUDA), e.g. flash, _native_math, xformers.")
     learning_rate: float = _opt(1e-4, "Initial learning rate.")

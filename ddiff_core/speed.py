@@ -30,6 +30,13 @@ def repeated_blocks(denoiser, family) -> list[torch.nn.Module]:
 RECOMPILE_LIMIT = 128
 
 
+def default_compile(family_name: str, device_type: str, base_quantization: str, sharded: bool) -> bool:
+    """``--compile`` left unset: on where it was measured to pay, FLUX with an unquantized base on a CUDA GPU (1.27x
+    at 1024 px without checkpointing, 1.41-1.46x with it, on an H200; benchmarks/RESULTS.md), not sharded; off on
+    the CPU (no gain measured) and where the GPU has not measured it (other families, a quantized base, FSDP)."""
+    return device_type == "cuda" and family_name == "flux" and base_quantization == "none" and not sharded
+
+
 def compile_blocks(denoiser, family, *, mode: str | None = None) -> int:
     """Compiles every repeated block in place (``nn.Module.compile``: the module object stays, so peft, DDP and the
     checkpoint keys see the same names). Returns the number of blocks compiled."""

@@ -41,8 +41,8 @@ from ddiff_core.runs import (RunIdentity, check_output_dir, clear_run_outputs, d
                              read_run_file, write_run_file)
 from ddiff_core.memory import estimate_peak, out_of_memory_advice
 from ddiff_core.quantization import check_quantization
-from ddiff_core.speed import (blocks_uncompiled, check_attention_backend, compiled_graphs, recompile_limit_hits,
-                              repeated_blocks, reset_attention_backend)
+from ddiff_core.speed import (blocks_uncompiled, check_attention_backend, compiled_graphs, default_compile,
+                              recompile_limit_hits, repeated_blocks, reset_attention_backend)
 from ddiff_core.validation import ValidationRunner
 
 logger = logging.getLogger(__name__)
@@ -197,6 +197,12 @@ class LoraTrainer:
         self.family.check_settings(self.loss_settings, cfg.lora_format)
         device_type = "cuda" if torch.cuda.is_available() and not os.environ.get("ACCELERATE_USE_CPU") else "cpu"
         check_attention_backend(cfg.attention_backend, device_type, self.family)
+        if cfg.compile is None:
+            sharded = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+            self.config = cfg = dataclasses.replace(cfg, compile=default_compile(
+                self.family.name, device_type, cfg.base_quantization, sharded))
+            if cfg.compile:
+                logger.info("torch.compile on (the default for FLUX on a CUDA GPU; --no-compile turns it off)")
         check_quantization(cfg.base_quantization, device_type, cfg.bnb_quantization_config_path)
         if cfg.optimizer == "prodigy" or cfg.use_8bit_adam:
             build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)  # fails fast when the package is missing
