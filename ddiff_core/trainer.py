@@ -138,6 +138,16 @@ def _check_topology(accelerator, config: TrainConfig) -> None:
                           "machine set ACCELERATE_USE_CPU=1 and use accelerate_configs/cpu_ddp.yaml)")
 
 
+def env_flag(name: str) -> bool:
+    """An accelerate launcher flag: it writes "False" as well as "True" (a value, not a presence)."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "t", "yes", "y", "on")
+
+
+def launch_device_type() -> str:
+    """The device this process will train on, before its accelerator exists."""
+    return "cuda" if torch.cuda.is_available() and not env_flag("ACCELERATE_USE_CPU") else "cpu"
+
+
 def make_accelerator(config: TrainConfig, project_dir: Path) -> Accelerator:
     """The launch's one Accelerator (every run of a launch shares its precision and tracker kind)."""
     log_with = None if config.report_to == "none" else config.report_to
@@ -183,6 +193,7 @@ class LoraTrainer:
         self.global_step = 0
         self.ema = None
         self.vae_offloaded = False
+        self.compile_by_default = False
 
     # -- setup -------------------------------------------------------------------------------
     def check_inputs(self) -> None:
@@ -195,14 +206,11 @@ class LoraTrainer:
         self.family.check_resolution(cfg.resolution)
         self.loss_settings = LossSettings.from_config(cfg)
         self.family.check_settings(self.loss_settings, cfg.lora_format)
-        device_type = "cuda" if torch.cuda.is_available() and not os.environ.get("ACCELERATE_USE_CPU") else "cpu"
+        device_type = launch_device_type()
         check_attention_backend(cfg.attention_backend, device_type, self.family)
-        if cfg.compile is None:
-            sharded = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
-            self.config = cfg = dataclasses.replace(cfg, compile=default_compile(
-                self.family.name, device_type, cfg.base_quantization, sharded))
-            if cfg.compile:
-                logger.info("torch.compile on (the default for FLUX on a CUDA GPU; --no-compile turns it off)")
+        self.compile_by_default = cfg.compile is None and default_compile(
+            self.family.name, device_type, cfg.base_quantization, sharded=env_flag("ACCELERATE_USE_FSDP"))
+        self.config = cfg = dataclasses.replace(cfg, compile=bool(cfg.compile or self.compile_by_default))
         check_quantization(cfg.base_quantization, device_type, cfg.bnb_quantization_config_path)
         if cfg.optimizer == "prodigy" or cfg.use_8bit_adam:
             build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)  # fails fast when the package is missing
@@ -354,6 +362,8 @@ class LoraTrainer:
                                               checkpointing_interval=cfg.gradient_checkpointing_interval,
                                               compile=cfg.compile, autocast=acc.native_amp)
         self.graphs_at_start = compiled_graphs()
+        if self.compile_by_default:  # logged here: logging is set up with the accelerator
+            logger.info("torch.compile on (the default for FLUX on a CUDA GPU; --no-compile turns it off)")
         if acc.scaler is not None:  # fp16: each run starts from a fresh loss scale, as a launch of its own does
             acc.scaler = get_grad_scaler(acc.distributed_type, **(acc.scaler_handler.to_kwargs()
                                                                    if acc.scaler_handler else {}))

@@ -23,7 +23,7 @@ def test_compiled_training_matches_eager_resumes_exactly_and_compiles_a_bounded_
     args = ["--max_train_steps", "6", "--checkpointing_steps", "3", "--learning_rate", "1e-2",
             "--validation_prompt", "a cat", "--validation_steps", "2", "--num_validation_images", "1",
             "--validation_inference_steps", "2"]
-    run_script("train_lora.py", train_args(tiny_flux, tmp_path / "eager", *args))
+    run_script("train_lora.py", train_args(tiny_flux, tmp_path / "eager", *args, "--no-compile"))
     assert_resume_from_copy_is_exact(tiny_flux, tmp_path, [*args, "--compile"])
     torch.testing.assert_close(_losses(tmp_path / "full"), _losses(tmp_path / "eager"), rtol=1e-4, atol=0)
     summary = json.loads((tmp_path / "full" / "run_summary.json").read_text())
@@ -180,15 +180,22 @@ def test_attention_backends_are_refused_for_families_outside_the_dispatcher(tmp_
     assert code == 2 and "attention dispatcher" in err
 
 
-def test_compile_left_unset_is_on_only_where_the_gpu_measured_it_pays(tiny_flux, tmp_path):
+def test_compile_left_unset_is_on_only_where_the_gpu_measured_it_pays(tiny_flux, tmp_path, monkeypatch):
     # Measured on an H200: FLUX, unquantized base, one GPU (1.27x at 1024 px, 1.41-1.46x with checkpointing). On the CPU
     # it gained nothing; other families, a quantized base and FSDP were not measured. A flag given is kept.
     from ddiff_core.config import TrainConfig
     from ddiff_core.speed import default_compile
-    from ddiff_core.trainer import LoraTrainer
+    from ddiff_core.trainer import LoraTrainer, env_flag
 
     from .conftest import DEMO_DATA
 
+    # accelerate's launcher writes its flags as values: ACCELERATE_USE_CPU=False on a GPU launch means the GPU.
+    for value, expected in (("False", False), ("false", False), ("0", False), ("", False), ("True", True),
+                            ("true", True), ("1", True)):
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", value)
+        assert env_flag("ACCELERATE_USE_FSDP") is expected
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert not env_flag("ACCELERATE_USE_FSDP")
     assert default_compile("flux", "cuda", "none", sharded=False)
     assert not any([default_compile("flux", "cpu", "none", sharded=False),
                     default_compile("sd3", "cuda", "none", sharded=False),
@@ -197,7 +204,8 @@ def test_compile_left_unset_is_on_only_where_the_gpu_measured_it_pays(tiny_flux,
                     default_compile("flux", "cuda", "nf4", sharded=False),
                     default_compile("flux", "cuda", "none", sharded=True)])
     common = dict(pretrained_model_name_or_path=str(tiny_flux), instance_data_dir=str(DEMO_DATA), resolution=64)
-    for given, expected in ((None, False), (True, True), (False, False)):  # this machine is a CPU
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # a CPU run, on any machine
+    for given, expected in ((None, False), (True, True), (False, False)):
         trainer = LoraTrainer(TrainConfig(**common, output_dir=str(tmp_path / str(given)), compile=given))
         trainer.check_inputs()
         assert trainer.config.compile is expected
