@@ -6,18 +6,7 @@
 # The GPU machine reaches no package registry: diffusers, torchao and bitsandbytes travel as wheels in .whl/
 # (see benchmarks/NOTES.md). Results: OUT_DIR/memory.json and OUT_DIR/RESULTS-memory.md.
 set -uo pipefail
-out="${1:-.benchmarks}"; mkdir -p "$out"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
-valid() { python3 -c "import json, sys; json.load(open(sys.argv[1]))" "$1" 2>/dev/null; }
-rm -f "$out/memory.json" "$out/memory.json.partial"  # an earlier run's files must not pass for this run's
-timeout -s INT -k 20 220 python3 -m pytest benchmarks/test_memory.py -p no:cacheprovider -m "not slow" -q -rs --device cuda \
-  --dtype bf16 --model-size full --benchmark-json "$out/memory.json" --benchmark-columns=median,rounds
-valid "$out/memory.json" || mv -f "$out/memory.json.partial" "$out/memory.json" 2>/dev/null
-valid "$out/memory.json" && python3 -m benchmarks.report "$out/memory.json" --output "$out/RESULTS-memory.md" --notes /dev/null
+source "$(dirname "$0")/gpu_common.sh" "${1:-.benchmarks}"
+run_bench memory 220 benchmarks/test_memory.py -m "not slow" --device cuda --dtype bf16 --model-size full \
+  --benchmark-columns=median,rounds
 exit 0

@@ -6,24 +6,11 @@
 #   2. a 100-step run of scripts/train_lora.py --compile on the small random model: its graph count (run_summary.json).
 #   bash benchmarks/gpu_run.sh OUT_DIR
 # Carries diffusers (and what else the machine lacks) as wheels in .whl/. Results: OUT_DIR/full.json,
-# OUT_DIR/RESULTS-gpu.md, OUT_DIR/compile-100-steps.json and OUT_DIR/compile-100-steps.log.
+# OUT_DIR/RESULTS-full.md, OUT_DIR/compile-100-steps.json and OUT_DIR/compile-100-steps.log.
 set -uo pipefail
-out="${1:-.benchmarks}"; mkdir -p "$out"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
-valid() { python3 -c "import json, sys; json.load(open(sys.argv[1]))" "$1" 2>/dev/null; }
-rm -f "$out/full.json" "$out/full.json.partial"  # an earlier run's files must not pass for this run's
-# SIGINT first: pytest then ends the session and writes the JSON of every variant measured so far. A SIGINT heard
-# too late (inside a compile) runs on to the SIGKILL; then the .partial JSON, rewritten after each variant, stands in.
-timeout -s INT -k 20 280 python3 -m pytest benchmarks/test_full_model.py -p no:cacheprovider -m gpu -q -rs --device cuda \
-  --dtype bf16 --model-size full --benchmark-json "$out/full.json" --benchmark-columns=median,min,max,rounds
-valid "$out/full.json" || mv -f "$out/full.json.partial" "$out/full.json" 2>/dev/null
-valid "$out/full.json" && python3 -m benchmarks.report "$out/full.json" --output "$out/RESULTS-gpu.md" --notes /dev/null
+source "$(dirname "$0")/gpu_common.sh" "${1:-.benchmarks}"
+run_bench full 280 benchmarks/test_full_model.py -m gpu --device cuda --dtype bf16 --model-size full \
+  --benchmark-columns=median,min,max,rounds
 tmp=$(mktemp -d)
 python3 -m ddiff_core.tiny --size small --output_dir "$tmp/model" >/dev/null
 # Its log comes back too: stopped by the SIGINT, the run still logs how many graphs it compiled.
