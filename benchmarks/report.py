@@ -170,6 +170,10 @@ def render(paths: list[Path]) -> str:
             from benchmarks.multi_run import render as render_multi_run
 
             lines += [render_multi_run(result)]
+        if result.get("upstream_pair"):
+            from benchmarks.upstream_pair import render as render_upstream_pair
+
+            lines += [render_upstream_pair(result)]
         if "bitwise_equal" in result:
             from benchmarks.lora_casts import render as render_lora_casts
 
@@ -208,9 +212,10 @@ def render(paths: list[Path]) -> str:
                   "time / 989 TFLOP/s (dense bf16). Graphs: torch.compile graphs compiled for that variant. peft casts: "
                   "\"kept\" is peft's default round trip of each LoRA input through fp32 (the before of "
                   "`skip_lora_input_casts`). Host syncs: the times one step made the host wait for the GPU (torch's "
-                  "sync debug mode). Command: `bash benchmarks/gpu_run.sh`.", "",
+                  "sync debug mode). First step: the variant's first step, compile included (cold for the first compiled "
+                  "variant of a session; later ones may reuse inductor's cache). Command: `bash benchmarks/gpu_run.sh`.", "",
                   "| resolution | batch | compile | gradient checkpointing | peft casts | s/step (median) | peak memory "
-                  "| TFLOP/step | MFU | graphs | host syncs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| TFLOP/step | MFU | graphs | host syncs | first step |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for b in trainer:
             e = b["extra_info"]
             interval = e["checkpointing_interval"]
@@ -220,7 +225,7 @@ def render(paths: list[Path]) -> str:
             lines.append(f"| {e['resolution']} px | {e['batch']} | {'on' if e['compile'] else 'off'} | {ckpt} | "
                          f"{casts} | {b['stats']['median']:.3f} | {mem} | {e.get('step_tflop', float('nan')):.1f} | "
                          f"{e.get('mfu', float('nan')) * 100:.1f}% | {e.get('graphs', 'n/a')} | "
-                         f"{e.get('host_syncs', 'n/a')} |")
+                         f"{e.get('host_syncs', 'n/a')} | {_fmt_seconds(e.get('first_step_s'))} |")
         lines.append("")
         for b in trainer:
             if b["extra_info"].get("kernels"):
@@ -242,6 +247,10 @@ def render(paths: list[Path]) -> str:
                          f"{e['mfu'] * 100:.1f}% |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _fmt_seconds(value) -> str:
+    return "n/a" if value is None else f"{value:.1f} s"
 
 
 def render_kernels(bench: dict) -> list[str]:

@@ -116,3 +116,67 @@ def test_the_kernel_table_sorts_a_steps_gpu_time_by_what_each_kernel_does_and_th
     text = render([path])
     assert "### Where the GPU time of one step goes: 1024px-b1-compile-no-ckpt" in text
     assert f"| attention backward | 1.5 | {attention_bwd['share'] * 100:.0f}% | 3 |" in text
+
+
+def test_the_step_clock_times_any_scripts_optimizer_steps_and_counts_what_it_trains(tmp_path):
+    # benchmarks.upstream_pair clocks ddiff's and upstream's scripts alike, unchanged: the gaps between the ends of
+    # consecutive optimizer steps, and the parameters the optimizer holds (the pair refuses two different LoRAs).
+    (tmp_path / "train.py").write_text(textwrap.dedent("""
+        import sys, time, torch
+        frozen, lora = torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
+        frozen.requires_grad_(False)
+        opt = torch.optim.AdamW(lora.parameters())
+        for _ in range(int(sys.argv[1])):
+            time.sleep(0.05)
+            lora(frozen(torch.randn(2, 4))).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    """))
+    clock = tmp_path / "clock.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.step_clock", str(tmp_path / "train.py"), "6"], check=True,
+                   cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO), "DDIFF_STEP_CLOCK": str(clock)}, timeout=120)
+    record = json.loads(clock.read_text())
+    assert len(record["step_ends"]) == 6
+    assert record["trainable_params"] == 4 * 3 + 3
+
+    from benchmarks.step_clock import step_times
+
+    times = step_times(record["step_ends"], warmup=1)
+    assert len(times) == 4 and all(t >= 0.05 for t in times)
+
+
+def test_the_torchvision_stand_in_is_seen_by_the_upstream_script_alone_and_transforms_as_torchvision_does(tmp_path):
+    # Upstream's image pipeline (resize the short side, crop, to tensor, normalize) through the stand-in, while
+    # transformers and diffusers in the same process go on finding no torchvision (their availability checks would
+    # otherwise import torchvision modules the stand-in does not have).
+    (tmp_path / "upstream.py").write_text(textwrap.dedent("""
+        import importlib.util, json, random, sys
+        from PIL import Image
+        from torchvision import transforms
+        from torchvision.transforms.functional import crop
+
+        image = Image.new("RGB", (300, 200), (255, 255, 255))
+        image.paste((0, 0, 0), (120, 60, 180, 140))  # a black box in the middle of white
+        resized = transforms.Resize(100, interpolation=transforms.InterpolationMode.BILINEAR)(image)
+        centre = transforms.CenterCrop(100)(resized)
+        random.seed(0)
+        boxes = [transforms.RandomCrop(100).get_params(resized, (100, 100)) for _ in range(50)]
+        tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])(centre)
+        json.dump({"resized": resized.size, "centre": centre.size, "boxes": boxes,
+                   "crop": crop(image, 10, 20, 30, 40).size, "range": [tensor.min().item(), tensor.max().item()],
+                   "shape": list(tensor.shape), "others_see_torchvision": importlib.util.find_spec("torchvision") is not None},
+                  open(sys.argv[1], "w"))
+    """))
+    out = tmp_path / "out.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.step_clock", str(tmp_path / "upstream.py"), str(out)], check=True,
+                   cwd=tmp_path, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO), "DDIFF_TORCHVISION_SHIM": "1",
+                                                   "DDIFF_STEP_CLOCK": str(tmp_path / "clock.json")})
+    seen = json.loads(out.read_text())
+    assert seen["resized"] == [150, 100]  # PIL's (width, height): the short side to 100, the aspect kept
+    assert seen["centre"] == [100, 100] and seen["crop"] == [40, 30]
+    assert all(0 <= top <= 0 and 0 <= left <= 50 and (h, w) == (100, 100) for top, left, h, w in seen["boxes"])
+    assert len({left for _, left, _, _ in seen["boxes"]}) > 1  # random, within the image
+    assert seen["shape"] == [3, 100, 100] and seen["range"] == [-1.0, 1.0]
+    import importlib.util
+    if importlib.util.find_spec("torchvision") is None:  # the real one is not installed here
+        assert not seen["others_see_torchvision"]
