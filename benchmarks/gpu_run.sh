@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # The prepared GPU run for one H100/H200 window (at most about 8 minutes after the machine's start: give the device
 # call timeout_s 540):
-#   1. the trainer's step at FLUX.1-dev's transformer shape: eager vs --compile, checkpointing off / every / every 2nd
+#   1. FLUX.1-dev's attention alone on each SDPA backend, cuDNN layouts included, each case in its own process
+#      (benchmarks/attention_probe.py, about 30 s): what attention costs per step, and whether cuDNN runs;
+#   2. the trainer's step at FLUX.1-dev's transformer shape: eager vs --compile, checkpointing off / every / every 2nd
 #      block, 1024 and 512 px (benchmarks/test_full_model.py), with MFU, and the kernel table of the 1024 px goal pair;
-#   2. a 100-step run of scripts/train_lora.py --compile on the small random model: its graph count (run_summary.json).
+#   3. a 100-step run of scripts/train_lora.py --compile on the small random model: its graph count (run_summary.json).
 #   bash benchmarks/gpu_run.sh OUT_DIR
 # Carries diffusers (and what else the machine lacks) as wheels in .whl/. Results: OUT_DIR/full.json,
-# OUT_DIR/RESULTS-full.md, OUT_DIR/compile-100-steps.json and OUT_DIR/compile-100-steps.log.
+# OUT_DIR/RESULTS-full.md, OUT_DIR/attention.json, OUT_DIR/compile-100-steps.json and OUT_DIR/compile-100-steps.log.
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh" "${1:-.benchmarks}"
+timeout -k 10 90 python3 -m benchmarks.attention_probe --output "$out/attention.json" \
+  || echo "the attention probe did not finish"
 run_bench full 280 benchmarks/test_full_model.py -m gpu --device cuda --dtype bf16 --model-size full \
   --benchmark-columns=median,min,max,rounds
 tmp=$(mktemp -d)

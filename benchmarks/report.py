@@ -170,6 +170,10 @@ def render(paths: list[Path]) -> str:
             from benchmarks.multi_run import render as render_multi_run
 
             lines += [render_multi_run(result)]
+        if result.get("attention_probe"):
+            from benchmarks.attention_probe import render as render_attention_probe
+
+            lines += [render_attention_probe(result)]
         if result.get("upstream_pair"):
             from benchmarks.upstream_pair import render as render_upstream_pair
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import torch
+
 from .conftest import REPO
 
 
@@ -180,3 +182,36 @@ def test_the_torchvision_stand_in_is_seen_by_the_upstream_script_alone_and_trans
     import importlib.util
     if importlib.util.find_spec("torchvision") is None:  # the real one is not installed here
         assert not seen["others_see_torchvision"]
+
+
+def test_the_attention_probe_records_a_crashing_case_and_goes_on(tmp_path):
+    # Each case runs in a process of its own because cuDNN's backward ended the CUDA context with an illegal memory
+    # access: a case that dies must come back as that case's status, with its error line, and the probe go on.
+    from benchmarks.attention_probe import probe, render, run_case
+
+    ok = run_case("math", "cpu", seq=64, heads=2, head_dim=16, iters=2)
+    assert ok["status"] == "ok" and ok["rel_err_vs_math"] == {"out": 0.0, "dq": 0.0} and ok["bwd_ms"] > 0
+    results = probe("cpu", seq=64, heads=2, head_dim=-1, iters=2)  # a negative size: the child raises
+    assert results["math"]["status"].startswith("crashed (exit 1)") and "negative" in results["math"]["status"]
+    assert results["cudnn-diffusers"]["status"] == "unavailable: needs CUDA"
+    table = render({"device_name": "cpu", "torch": "x", "seq": 64, "heads": 2, "head_dim": -1, "iters": 2,
+                    "blocks": 57, "cases": {**results, "flash": ok}})
+    assert "| math | crashed (exit 1)" in table and "| flash | ok |" in table
+
+
+def test_the_matched_gradient_reaches_attention_in_the_outputs_own_layout():
+    # cudnn-matched's fix for the suspected cause of cuDNN's crash: the output's gradient arrives in FLUX's (B, S, H, D)
+    # layout, whose strides differ from the (B, H, S, D) output's; _GradLike hands it on in the output's layout.
+    from benchmarks.attention_probe import _GradLike
+
+    seen, grads = {}, {}
+    upstream = torch.randn(1, 8, 8)
+    for matched in (False, True):
+        x = torch.randn(1, 2, 8, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)  # (B, H, S, D)
+        y = x * 2.0
+        y.register_hook(lambda g, m=matched: seen.__setitem__(m, g.stride()))
+        z = _GradLike.apply(y) if matched else y
+        z.permute(0, 2, 1, 3).flatten(2, 3).backward(upstream)
+        grads[matched] = x.grad
+    assert seen[True] == (64, 32, 4, 1) and seen[False] != seen[True]
+    assert torch.equal(grads[True], grads[False])  # the layout changes, the values do not

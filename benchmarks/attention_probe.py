@@ -1,0 +1,200 @@
+"""FLUX.1-dev's attention alone, forward and backward, on each SDPA backend: its time, its error, and whether it crashes.
+
+    python -m benchmarks.attention_probe [--device cuda] [--output .benchmarks/attention.json]
+
+At 1024 px FLUX.1-dev attends over 4,608 tokens (4,096 image + 512 text) with 24 heads of 128, in each of its 57
+blocks, and the flash-attention backward alone was 21% of the eager step's GPU time on an H200 (issue 12). Hopper's
+faster kernels come through cuDNN, whose SDPA backward crashed with an illegal memory access at the trainer's second
+step (H100 and H200, torch 2.11). This probe times one block's attention on each backend, with the tensors laid out
+as FLUX lays them out, and tries the layouts that could be the crash's cause, each case in a process of its own (an
+illegal memory access ends the CUDA context): the answer to how much of the step attention could give back, and under
+what condition cuDNN runs.
+
+Cases:
+  flash            torch's SDPA on the flash kernel, as diffusers' default backend calls it (permuted views).
+  efficient        the memory-efficient kernel, same layout.
+  cudnn-views      the cuDNN kernel, same layout.
+  cudnn-diffusers  the cuDNN kernel as diffusers' ``_native_cudnn`` backend calls it: contiguous (B, H, S, D) inputs;
+                   the output's gradient then arrives in FLUX's (B, S, H, D) layout, whose strides differ from the
+                   output's (torch copies it to match before cuDNN's backward).
+  cudnn-matched    as cudnn-diffusers, with the gradient made contiguous in the output's layout before it reaches SDPA.
+  math             the reference kernel (on a CPU the only one; on a GPU skipped above 2,048 tokens: its S x S scores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+CASES = ("flash", "efficient", "cudnn-views", "cudnn-diffusers", "cudnn-matched", "math")
+FLUX_BLOCKS = 19 + 38
+
+
+class _GradLike(torch.autograd.Function):
+    """Identity whose backward hands on the gradient laid out as the forward's tensor (cudnn-matched)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.strides = x.stride()
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad if grad.stride() == ctx.strides else grad.contiguous()
+
+
+def attention(q, k, v, case: str) -> torch.Tensor:
+    """(B, S, H, D) query, key, value -> (B, S, H*D), as FLUX's attention processor computes and flattens it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "math": SDPBackend.MATH}.get(case, SDPBackend.CUDNN_ATTENTION)
+    if case in ("cudnn-diffusers", "cudnn-matched"):
+        q, k, v = (x.permute(0, 2, 1, 3).contiguous() for x in (q, k, v))
+    else:
+        q, k, v = (x.permute(0, 2, 1, 3) for x in (q, k, v))
+    with sdpa_kernel(backend):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    if case == "cudnn-matched":
+        out = _GradLike.apply(out)
+    return out.permute(0, 2, 1, 3).flatten(2, 3)
+
+
+def run_case(case: str, device: str, seq: int, heads: int, head_dim: int, iters: int) -> dict:
+    """Times ``iters`` forward+backward passes after two warm-up ones; compares with the reference kernel's result."""
+    dev = torch.device(device)
+    if dev.type != "cuda" and case != "math":
+        return {"status": "unavailable: needs CUDA"}
+    if dev.type == "cuda" and case == "math" and seq > 2048:
+        return {"status": f"skipped: {seq} tokens (the math kernel holds the S x S scores)"}
+    dtype = torch.bfloat16
+    gen = torch.Generator(dev).manual_seed(0)
+    q, k, v = (torch.randn(1, seq, heads, head_dim, device=dev, dtype=dtype, generator=gen).requires_grad_()
+               for _ in range(3))
+    grad = torch.randn(1, seq, heads * head_dim, device=dev, dtype=dtype, generator=gen)
+
+    def step():
+        for x in (q, k, v):
+            x.grad = None
+        out = attention(q, k, v, case)
+        out.backward(grad)
+        return out
+
+    reference_case = "flash" if dev.type == "cuda" else "math"
+    out = attention(q, k, v, reference_case)
+    out.backward(grad)
+    ref_out, ref_dq = out.detach().float(), q.grad.detach().float()
+    for _ in range(2):
+        out = step()
+    err = {"out": _rel_err(out, ref_out), "dq": _rel_err(q.grad, ref_dq)}
+    fwd_ms, bwd_ms = [], []
+    for _ in range(iters):
+        for x in (q, k, v):
+            x.grad = None
+        if dev.type == "cuda":
+            marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            marks[0].record()
+            out = attention(q, k, v, case)
+            marks[1].record()
+            out.backward(grad)
+            marks[2].record()
+            torch.cuda.synchronize()
+            fwd_ms.append(marks[0].elapsed_time(marks[1]))
+            bwd_ms.append(marks[1].elapsed_time(marks[2]))
+        else:
+            import time
+
+            t0 = time.perf_counter()
+            out = attention(q, k, v, case)
+            t1 = time.perf_counter()
+            out.backward(grad)
+            t2 = time.perf_counter()
+            fwd_ms.append((t1 - t0) * 1e3)
+            bwd_ms.append((t2 - t1) * 1e3)
+    fwd, bwd = sorted(fwd_ms)[len(fwd_ms) // 2], sorted(bwd_ms)[len(bwd_ms) // 2]
+    flop = 4 * seq * seq * heads * head_dim  # QK^T and PV in the forward; the backward does 2.5x that
+    return {"status": "ok", "fwd_ms": fwd, "bwd_ms": bwd, "fwd_tflops": flop / fwd / 1e9,
+            "bwd_tflops": 2.5 * flop / bwd / 1e9, "per_step_ms": FLUX_BLOCKS * (fwd + bwd),
+            "rel_err_vs_" + reference_case: err}
+
+
+def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.detach().float() - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+def probe(device: str, seq: int, heads: int, head_dim: int, iters: int, timeout: float = 120) -> dict:
+    """Every case in a process of its own; a crash is recorded with its exit status and last error line."""
+    results = {}
+    for case in CASES:
+        if torch.device(device).type != "cuda" and case != "math":
+            results[case] = {"status": "unavailable: needs CUDA"}  # no process to start for that
+            continue
+        cmd = [sys.executable, "-m", "benchmarks.attention_probe", "--case", case, "--device", device, "--seq", str(seq),
+               "--heads", str(heads), "--head-dim", str(head_dim), "--iters", str(iters)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            results[case] = {"status": f"timed out after {timeout:.0f} s"}
+            continue
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode == 0 and lines:
+            results[case] = json.loads(lines[-1])
+        else:
+            errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]
+            last = (errors or proc.stderr.strip().splitlines() or ["no output"])[-1]
+            results[case] = {"status": f"crashed (exit {proc.returncode}): {last.strip()[:300]}"}
+        print(f"{case}: {results[case].get('status')}", flush=True)
+    return results
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seq", type=int, default=4096 + 512, help="tokens (1024 px FLUX: 4,096 image + 512 text)")
+    parser.add_argument("--heads", type=int, default=24)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--case", choices=CASES, help="run one case in this process (the probe's child)")
+    parser.add_argument("--output", type=Path, help="JSON file for the results")
+    args = parser.parse_args(argv)
+    if args.case:
+        print(json.dumps(run_case(args.case, args.device, args.seq, args.heads, args.head_dim, args.iters)))
+        return
+    from benchmarks.harness import versions
+
+    result = {"attention_probe": True, "device": args.device, "seq": args.seq, "heads": args.heads,
+              "head_dim": args.head_dim, "iters": args.iters, "blocks": FLUX_BLOCKS, **versions(),
+              "device_name": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
+              "cases": probe(args.device, args.seq, args.heads, args.head_dim, args.iters)}
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=1) + "\n")
+    print(render(result))
+
+
+def render(result: dict) -> str:
+    lines = [f"## FLUX.1-dev's attention alone, by SDPA backend ({result['device_name']})", "",
+             f"torch {result.get('torch')}. One block's attention: {result['seq']:,} tokens (4,608 at 1024 px), "
+             f"{result['heads']} heads of {result['head_dim']}, bf16, forward + backward, as FLUX lays the tensors out; median of "
+             f"{result['iters']} after two warm-up passes, each case in its own process. Per step: x {result['blocks']} "
+             "blocks. Error: max |difference| / max |reference| (flash on a GPU). Command: "
+             "`python -m benchmarks.attention_probe`.", "",
+             "| case | status | forward | backward | fwd TFLOP/s | bwd TFLOP/s | per step | error (out, dq) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for case, r in result["cases"].items():
+        if r.get("status") != "ok":
+            lines.append(f"| {case} | {r.get('status')} | | | | | | |")
+            continue
+        err = next(v for k, v in r.items() if k.startswith("rel_err"))
+        lines.append(f"| {case} | ok | {r['fwd_ms']:.2f} ms | {r['bwd_ms']:.2f} ms | {r['fwd_tflops']:.0f} | "
+                     f"{r['bwd_tflops']:.0f} | {r['per_step_ms']:.0f} ms | {err['out']:.1e}, {err['dq']:.1e} |")
+    return "\n".join(lines + [""])
+
+
+if __name__ == "__main__":
+    main()
