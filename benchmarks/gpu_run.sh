@@ -2,7 +2,7 @@
 # The prepared GPU run for one H100/H200 window (at most about 8 minutes after the machine's start: give the device
 # call timeout_s 540):
 #   1. FLUX.1-dev's attention alone on each SDPA backend, cuDNN layouts included, each case in its own process
-#      (benchmarks/attention_probe.py, about 30 s): what attention costs per step, and whether cuDNN runs;
+#      (benchmarks/attention_probe.py, about 40 s, at most 70): what attention costs per step, and whether cuDNN runs;
 #   2. the trainer's step at FLUX.1-dev's transformer shape: eager vs --compile, checkpointing off / every / every 2nd
 #      block, 1024 and 512 px (benchmarks/test_full_model.py), with MFU, and the kernel table of the 1024 px goal pair;
 #   3. a 100-step run of scripts/train_lora.py --compile on the small random model: its graph count (run_summary.json).
@@ -11,14 +11,14 @@
 # OUT_DIR/RESULTS-full.md, OUT_DIR/attention.json, OUT_DIR/compile-100-steps.json and OUT_DIR/compile-100-steps.log.
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh" "${1:-.benchmarks}"
-timeout -k 10 90 python3 -m benchmarks.attention_probe --output "$out/attention.json" \
+timeout -k 10 60 python3 -m benchmarks.attention_probe --output "$out/attention.json" \
   || echo "the attention probe did not finish"
 run_bench full 280 benchmarks/test_full_model.py -m gpu --device cuda --dtype bf16 --model-size full \
   --benchmark-columns=median,min,max,rounds
 tmp=$(mktemp -d)
 python3 -m ddiff_core.tiny --size small --output_dir "$tmp/model" >/dev/null
 # Its log comes back too: stopped by the SIGINT, the run still logs how many graphs it compiled.
-timeout -s INT -k 15 120 python3 scripts/train_lora.py --pretrained_model_name_or_path "$tmp/model" \
+timeout -s INT -k 15 110 python3 scripts/train_lora.py --pretrained_model_name_or_path "$tmp/model" \
   --instance_data_dir data/demo --output_dir "$tmp/run" --resolution 256 --train_batch_size 2 --max_train_steps 100 \
   --cache_latents --mixed_precision bf16 --compile --seed 0 --report_to none --checkpointing_steps 1000 \
   2>&1 | tail -c 200000 > "$out/compile-100-steps.log" \

@@ -38,19 +38,28 @@ def main(argv: list[str] | None = None) -> None:
     script = Path(argv[0])
     if not script.is_file():
         raise SystemExit(f"step_clock: no such script: {script}")
-    ends: list[float] = []
-    held: dict[str, int] = {}
+    ends: list = []  # host times, or CUDA events: a step ends when its kernels do, and waiting for them here
+    held: dict[str, int] = {}  # would take from the script the overlap of one step's queueing with the last's work
 
     def hook(optimizer, args, kwargs):
-        if not ends:  # what the script trains: the parameters its optimizer holds
+        if not held:  # the script's (first) optimizer, and what it trains
+            held["optimizer"] = id(optimizer)
             held["params"] = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+        if id(optimizer) != held["optimizer"]:
+            return
         if torch.cuda.is_available():
-            torch.cuda.synchronize()  # a step ends when its kernels do, not when they are queued
-        ends.append(time.perf_counter())
+            ends.append(torch.cuda.Event(enable_timing=True))
+            ends[-1].record()
+        else:
+            ends.append(time.perf_counter())
 
     def write():
-        Path(out).write_text(json.dumps({"script": str(script), "step_ends": ends,
-                                          "trainable_params": held.get("params", 0)}))
+        times = ends
+        if ends and not isinstance(ends[0], float):
+            torch.cuda.synchronize()
+            times = [ends[0].elapsed_time(e) / 1e3 for e in ends]
+        Path(out).write_text(json.dumps({"script": str(script), "step_ends": times,
+                                         "trainable_params": held.get("params", 0)}))
 
     if os.environ.get("DDIFF_TORCHVISION_SHIM") == "1":  # benchmarks.upstream_pair, where torchvision does not import
         from benchmarks.upstream_shim import install

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import random
 
 import numpy as np
 import torch
@@ -78,9 +77,9 @@ class RandomCrop:
     @staticmethod
     def get_params(image: Image.Image, output_size) -> tuple[int, int, int, int]:
         """(top, left, height, width) of a random crop of ``output_size`` inside ``image``."""
-        height, width = _pair(output_size)
-        top = random.randint(0, image.size[1] - height) if image.size[1] > height else 0
-        left = random.randint(0, image.size[0] - width) if image.size[0] > width else 0
+        height, width = _pair(output_size)  # torch's RNG, as torchvision draws them (the script's seed covers it)
+        top = int(torch.randint(0, image.size[1] - height + 1, size=(1,))) if image.size[1] > height else 0
+        left = int(torch.randint(0, image.size[0] - width + 1, size=(1,))) if image.size[0] > width else 0
         return top, left, height, width
 
     def __call__(self, image: Image.Image) -> Image.Image:
@@ -92,7 +91,7 @@ class RandomHorizontalFlip:
         self.p = p
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        return image.transpose(Image.FLIP_LEFT_RIGHT) if random.random() < self.p else image
+        return image.transpose(Image.FLIP_LEFT_RIGHT) if torch.rand(1) < self.p else image
 
 
 class ToTensor:
@@ -102,7 +101,7 @@ class ToTensor:
         array = np.asarray(image, dtype=np.uint8)
         if array.ndim == 2:
             array = array[:, :, None]
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255)
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous().float().div(255)
 
 
 class Normalize:
