@@ -23,8 +23,9 @@ Cases ("both": the two gradient layouts in turn, in one process, as a step's bac
   efficient         the memory-efficient kernel, permuted views, both.
   cudnn-views-double, cudnn-views-single, cudnn-views-both
                     the cuDNN kernel, permuted views, one gradient layout or both.
-  cudnn-diffusers   the cuDNN kernel with diffusers' contiguous inputs, both.
-  cudnn-matched     as cudnn-diffusers, each gradient made contiguous in the output's own layout before SDPA sees it.
+  cudnn-diffusers   diffusers' own ``_native_cudnn`` function (contiguous inputs), both.
+  cudnn-matched     ddiff's ``ddiff_cudnn`` function: as cudnn-diffusers, with each gradient made contiguous in the
+                    output's own layout before cuDNN's backward sees it.
   math              the reference kernel (on a CPU the only one; on a GPU not run above 2,048 tokens: S x S scores).
 """
 
@@ -41,25 +42,13 @@ from pathlib import Path
 import torch
 
 from ddiff_core.atomic import atomic_write_text
+from ddiff_core.speed import layout_matched_attention
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = ("flash", "efficient", "cudnn-views-double", "cudnn-views-single", "cudnn-views-both", "cudnn-diffusers",
          "cudnn-matched", "math")
 FLUX_BLOCKS = 19 + 38
 MLP_RATIO = 4  # a single-stream block's MLP width over its attention's
-
-
-class _GradLike(torch.autograd.Function):
-    """Identity whose backward hands on the gradient laid out as the forward's tensor (cudnn-matched)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.strides = x.stride()
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad if grad.stride() == ctx.strides else grad.contiguous()
 
 
 def _backend(case: str):
@@ -70,17 +59,19 @@ def _backend(case: str):
 
 
 def attention(q, k, v, case: str) -> torch.Tensor:
-    """(B, S, H, D) query, key, value -> (B, S, H*D), as FLUX's attention processor computes and flattens it."""
+    """(B, S, H, D) query, key, value -> (B, S, H*D), as FLUX's attention processor computes and flattens it.
+    cudnn-diffusers runs diffusers' own ``_native_cudnn`` function, cudnn-matched ddiff's ``ddiff_cudnn`` one."""
     from torch.nn.attention import sdpa_kernel
 
-    if case in ("cudnn-diffusers", "cudnn-matched"):
-        q, k, v = (x.permute(0, 2, 1, 3).contiguous() for x in (q, k, v))
-    else:
-        q, k, v = (x.permute(0, 2, 1, 3) for x in (q, k, v))
+    if case == "cudnn-diffusers":
+        from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+        return _AttentionBackendRegistry._backends[AttentionBackendName._NATIVE_CUDNN](q, k, v).flatten(2, 3)
+    if case == "cudnn-matched":
+        return layout_matched_attention(_backend(case))(q, k, v).flatten(2, 3)
+    q, k, v = (x.permute(0, 2, 1, 3) for x in (q, k, v))
     with sdpa_kernel(_backend(case)):
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    if case == "cudnn-matched":
-        out = _GradLike.apply(out)
     return out.permute(0, 2, 1, 3).flatten(2, 3)
 
 
@@ -208,6 +199,18 @@ def _child_result(proc: subprocess.CompletedProcess) -> dict:
     return {"status": f"{kind}: {reason}", "stderr_tail": tail}
 
 
+def cudnn_worth_a_trainer_run(result: dict, max_err: float = 2e-2) -> bool:
+    """Whether the probe says ddiff's cuDNN backend (``ddiff_cudnn``: the cudnn-matched case) runs, agrees with flash
+    and is faster than it, forward and backward together: then gpu_run.sh measures the trainer on it."""
+    cases = result.get("cases", {})
+    matched, flash = cases.get("cudnn-matched", {}), cases.get("flash", {})
+    if matched.get("status") != "ok" or flash.get("status") != "ok":
+        return False
+    err = matched.get("rel_err_vs_flash", {})
+    return (max(err.values(), default=1.0) <= max_err
+            and matched["fwd_ms"] + matched["bwd_ms"] < flash["fwd_ms"] + flash["bwd_ms"])
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -217,7 +220,13 @@ def main(argv=None) -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--case", choices=CASES, help="run one case in this process (the probe's child)")
     parser.add_argument("--output", type=Path, help="JSON file for the results")
+    parser.add_argument("--worth-trying", type=Path, metavar="RESULT_JSON",
+                        help="exit 0 if that probe result says ddiff_cudnn is worth a trainer run, 1 if not")
     args = parser.parse_args(argv)
+    if args.worth_trying:
+        worth = args.worth_trying.is_file() and cudnn_worth_a_trainer_run(json.loads(args.worth_trying.read_text()))
+        print(f"ddiff_cudnn worth a trainer run: {'yes' if worth else 'no'}")
+        raise SystemExit(0 if worth else 1)
     if args.case:
         print(json.dumps(run_case(args.case, args.device, args.seq, args.heads, args.head_dim, args.iters)))
         return

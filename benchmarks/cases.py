@@ -49,6 +49,7 @@ class Env:
     device: str = "cpu"
     dtype: str = "fp32"
     family: str = "flux"
+    attention: str | None = None  # --attention-backend: the trainer-step benchmarks' attention (default: diffusers')
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -22,13 +22,15 @@ def pytest_addoption(parser):
     parser.addoption("--family", default="flux", help="model family of the tiny/small benchmarks")
     parser.addoption("--model-size", default="small", choices=["tiny", "small", "full"],
                      help="tiny/small: random FLUX built locally; full: FLUX.1-dev's transformer shape on a GPU")
+    parser.addoption("--attention-backend", default=None,
+                     help="attention of the trainer-step benchmarks, as the trainer's --attention_backend")
 
 
 @pytest.fixture(scope="session")
 def bench_env(request) -> Env:
     size = request.config.getoption("--model-size")
     return Env(size, request.config.getoption("--device"), request.config.getoption("--dtype"),
-               request.config.getoption("--family"))
+               request.config.getoption("--family"), request.config.getoption("--attention-backend"))
 
 
 @pytest.fixture(scope="session")

@@ -5,16 +5,27 @@
 #      (benchmarks/attention_probe.py, about 40 s, at most 70): what attention costs per step, and whether cuDNN runs;
 #   2. the trainer's step at FLUX.1-dev's transformer shape: eager vs --compile, checkpointing off / every / every 2nd
 #      block, 1024 and 512 px (benchmarks/test_full_model.py), with MFU, and the kernel table of the 1024 px goal pair;
-#   3. a 100-step run of scripts/train_lora.py --compile on the small random model: its graph count (run_summary.json).
+#   3. where the probe found ddiff's cuDNN backend (ddiff_cudnn) running and faster than flash: the 1024 px goal pair
+#      on it (OUT_DIR/full-ddiff-cudnn.json);
+#   4. time left, a 100-step run of scripts/train_lora.py --compile on the small random model: its graph count.
 #   bash benchmarks/gpu_run.sh OUT_DIR
 # Carries diffusers (and what else the machine lacks) as wheels in .whl/. Results: OUT_DIR/full.json,
-# OUT_DIR/RESULTS-full.md, OUT_DIR/attention.json, OUT_DIR/compile-100-steps.json and OUT_DIR/compile-100-steps.log.
+# OUT_DIR/RESULTS-full.md, OUT_DIR/attention.json, OUT_DIR/full-ddiff-cudnn.json (where run), OUT_DIR/compile-100-steps.json
+# and OUT_DIR/compile-100-steps.log.
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh" "${1:-.benchmarks}"
 timeout -k 10 60 python3 -m benchmarks.attention_probe --output "$out/attention.json" \
   || echo "the attention probe did not finish"
 run_bench full 280 benchmarks/test_full_model.py -m gpu --device cuda --dtype bf16 --model-size full \
   --benchmark-columns=median,min,max,rounds
+# Where the probe found ddiff's cuDNN backend running, agreeing with flash and faster: the goal pair on it.
+if python3 -m benchmarks.attention_probe --worth-trying "$out/attention.json"; then
+  run_bench full-ddiff-cudnn 110 benchmarks/test_full_model.py -m gpu --device cuda --dtype bf16 --model-size full \
+    --attention-backend ddiff_cudnn -k "step[0] or step[1]" --benchmark-columns=median,min,max,rounds
+fi
+if (( SECONDS > 400 )); then  # the call's limit is 540 s: the graph count was measured on 2026-11-27 (4 graphs)
+  echo "the 100-step --compile run is skipped: ${SECONDS} s used"; exit 0
+fi
 tmp=$(mktemp -d)
 python3 -m ddiff_core.tiny --size small --output_dir "$tmp/model" >/dev/null
 # Its log comes back too: stopped by the SIGINT, the run still logs how many graphs it compiled.

@@ -215,19 +215,22 @@ def render(paths: list[Path]) -> str:
                   "latents and 512 text tokens, clip, AdamW, LR schedule). MFU = model FLOPs per step / median step "
                   "time / 989 TFLOP/s (dense bf16). Graphs: torch.compile graphs compiled for that variant. peft casts: "
                   "\"kept\" is peft's default round trip of each LoRA input through fp32 (the before of "
-                  "`skip_lora_input_casts`). Host syncs: the times one step made the host wait for the GPU (torch's "
-                  "sync debug mode). First step: the variant's first step, compile included (cold for the first compiled "
+                  "`skip_lora_input_casts`). Attention: the `--attention_backend` (native: torch's SDPA, flash on "
+                  "CUDA). Host syncs: the times one step made the host wait for the GPU (torch's sync debug mode). First step: the variant's first step, compile included (cold for the first compiled "
                   "variant of a session; later ones may reuse inductor's cache). Command: `bash benchmarks/gpu_run.sh`.", "",
-                  "| resolution | batch | compile | gradient checkpointing | peft casts | s/step (median) | peak memory "
-                  "| TFLOP/step | MFU | graphs | host syncs | first step |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| resolution | batch | compile | gradient checkpointing | peft casts | attention | s/step (median) | "
+                  "peak memory | TFLOP/step | MFU | graphs | host syncs | first step |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for b in trainer:
             e = b["extra_info"]
             interval = e["checkpointing_interval"]
             ckpt = "off" if not interval else ("every block" if interval == 1 else f"1 block in {interval}")
             mem = f"{e['peak_mem_mb'] / 1024:.1f} GiB" if e.get("peak_mem_mb") else "n/a"
             casts = {True: "kept", False: "skipped"}.get(e.get("peft_input_casts"), "n/a")
+            attention = e.get("attention_backend", "native")
             lines.append(f"| {e['resolution']} px | {e['batch']} | {'on' if e['compile'] else 'off'} | {ckpt} | "
-                         f"{casts} | {b['stats']['median']:.3f} | {mem} | {e.get('step_tflop', float('nan')):.1f} | "
+                         f"{casts} | {attention} | {b['stats']['median']:.3f} | {mem} | "
+                         f"{e.get('step_tflop', float('nan')):.1f} | "
                          f"{e.get('mfu', float('nan')) * 100:.1f}% | {e.get('graphs', 'n/a')} | "
                          f"{e.get('host_syncs', 'n/a')} | {_fmt_seconds(e.get('first_step_s'))} |")
         lines.append("")

@@ -27,7 +27,8 @@ from ddiff_core.builders import (add_trainable_lora, build_lr_scheduler, build_o
 from ddiff_core.caching import FeatureCache, TrainingFeatures
 from ddiff_core.config import TrainConfig
 from ddiff_core.families import get_family
-from ddiff_core.speed import compiled_graphs, skip_lora_input_casts
+from ddiff_core.speed import (check_attention_backend, compiled_graphs, reset_attention_backend, set_attention_backend,
+                              skip_lora_input_casts)
 from ddiff_core.trainer import compute_loss
 
 FLUX_DEV = dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
@@ -130,6 +131,9 @@ def _run_variant(benchmark, bench_env, base, index):
     device = torch.device(bench_env.device)
     model = comps["transformer"]
     cfg = TrainConfig(learning_rate=1e-4, rank=16, lora_alpha=16, max_grad_norm=1.0)
+    if bench_env.attention:  # as the trainer sets it: before the LoRA and the compile
+        check_attention_backend(bench_env.attention, device.type, family)
+        set_attention_backend(model, bench_env.attention)
     add_trainable_lora(model, family, rank=cfg.rank, alpha=cfg.lora_alpha, dropout=0.0, lora_layers=None, seed=0,
                        gradient_checkpointing=bool(interval), checkpointing_interval=max(interval, 1), compile=compile)
     if peft_casts:
@@ -141,8 +145,10 @@ def _run_variant(benchmark, bench_env, base, index):
     side = resolution // 8
     benchmark.group = f"trainer-step-{resolution}px-b{batch}"
     benchmark.extra_info.update(case="full_flux_trainer" if bench_env.size == "full" else "trainer_step",
-                                variant=_variant_id(variants[index]), resolution=resolution, batch=batch,
+                                variant=_variant_id(variants[index]) + (f"-{bench_env.attention}" if bench_env.attention
+                                                                         else ""), resolution=resolution, batch=batch,
                                 compile=compile, checkpointing_interval=interval, peft_input_casts=peft_casts,
+                                attention_backend=bench_env.attention or "native",
                                 size=bench_env.size,
                                 device=bench_env.device, **versions())
     try:
@@ -170,6 +176,8 @@ def _run_variant(benchmark, bench_env, base, index):
     finally:
         optimizer.zero_grad(set_to_none=True)
         remove_trainable_lora(model, family)
+        if bench_env.attention:
+            reset_attention_backend(model)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -89,7 +89,9 @@ class TrainConfig:
                                       "unquantized base on one CUDA GPU or under DDP, where it was measured; off "
                                       "elsewhere. --no-compile turns it off.")
     attention_backend: str | None = _opt(None, "diffusers attention backend (default: native SDPA, which picks "
-                                               "flash attention on CUDA), e.g. flash, _native_math, xformers.")
+                                               "flash attention on CUDA), e.g. flash, _native_math, xformers; or "
+                                               "ddiff_cudnn (cuDNN with the gradient in its output's layout; "
+                                               "experimental).")
     learning_rate: float = _opt(1e-4, "Initial learning rate.")
     scale_lr: bool = _opt(False, "Scale the LR by batch size, accumulation steps and processes.")
     lr_scheduler: str = _opt(

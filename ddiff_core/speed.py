@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 
 import torch
@@ -185,10 +186,79 @@ KNOWN_BAD = {
 }
 
 
+# ddiff's own backends: name -> (the diffusers backend whose slot it takes for the run, what it is).
+DDIFF_BACKENDS = {
+    "ddiff_cudnn": ("_native_cudnn", "cuDNN's SDPA as diffusers' _native_cudnn calls it, with the output's gradient "
+                                     "handed to cuDNN's backward in the output's own layout (FLUX's blocks send it in "
+                                     "two others); experimental until a GPU has measured it"),
+}
+
+
 def attention_backends() -> list[str]:
     from diffusers.models.attention_dispatch import AttentionBackendName
 
-    return sorted(b.value for b in AttentionBackendName)
+    return sorted([b.value for b in AttentionBackendName] + list(DDIFF_BACKENDS))
+
+
+class GradInOutputLayout(torch.autograd.Function):
+    """The identity, whose backward hands the gradient on laid out as the forward's tensor (a copy only where it is
+    not). cuDNN's attention backward gets the gradient of its output in the output's own strides; FLUX's double-stream
+    blocks send it contiguous in (B, S, H*D), the single-stream blocks as a slice of a wider concatenation."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.strides = x.stride()
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad if grad.stride() == ctx.strides else grad.contiguous()
+
+
+def layout_matched_attention(backend):
+    """An attention function for diffusers' dispatcher: SDPA on ``backend`` (an ``SDPBackend``) over contiguous
+    (B, H, S, D) copies of the (B, S, H, D) inputs, as diffusers' ``_native_cudnn`` calls it, with the output's
+    gradient in the output's layout (``GradInOutputLayout``)."""
+    from torch.nn.attention import sdpa_kernel
+
+    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                  return_lse=False, _parallel_config=None):
+        if return_lse or _parallel_config is not None:
+            raise ValueError("ddiff's attention backends support neither context parallelism nor return_lse")
+        q, k, v = (x.permute(0, 2, 1, 3).contiguous() for x in (query, key, value))
+        with sdpa_kernel(backend):
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                                   is_causal=is_causal, scale=scale,
+                                                                   enable_gqa=enable_gqa)
+        return GradInOutputLayout.apply(out).permute(0, 2, 1, 3)
+
+    return attention
+
+
+_REPLACED: dict = {}  # diffusers' registry entries a ddiff backend stands in for, to put back
+
+
+def install_attention(slot: str, function) -> None:
+    """``function`` answers for diffusers' backend ``slot`` (its registry entry, checks kept) until
+    ``reset_attention_backend``."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry as registry
+
+    key = AttentionBackendName(slot)
+    if key not in _REPLACED:
+        _REPLACED[key] = (registry._backends[key], registry._supported_arg_names[key])
+    registry._backends[key] = function
+    registry._supported_arg_names[key] = set(inspect.signature(function).parameters)
+
+
+def set_attention_backend(denoiser, name: str) -> None:
+    """The denoiser's attention on ``name``: one of diffusers' backends, or one of ddiff's (``DDIFF_BACKENDS``)."""
+    if name in DDIFF_BACKENDS:
+        from torch.nn.attention import SDPBackend
+
+        slot = DDIFF_BACKENDS[name][0]
+        install_attention(slot, layout_matched_attention(SDPBackend.CUDNN_ATTENTION))
+        name = slot
+    denoiser.set_attention_backend(name)
 
 
 def check_attention_backend(name: str | None, device_type: str, family=None) -> None:
@@ -201,9 +271,14 @@ def check_attention_backend(name: str | None, device_type: str, family=None) -> 
                          "dispatcher (only FLUX's does in diffusers 0.42); leave it unset")
     known = attention_backends()
     if name not in known:
-        raise ValueError(f"--attention_backend {name!r} is not one of diffusers' backends ({', '.join(known)})")
+        raise ValueError(f"--attention_backend {name!r} is not one of diffusers' or ddiff's backends "
+                         f"({', '.join(known)})")
     if name in KNOWN_BAD:
         raise ValueError(f"--attention_backend {name} is refused: {KNOWN_BAD[name]}")
+    if name in DDIFF_BACKENDS:
+        if device_type != "cuda" or not torch.backends.cudnn.is_available():
+            raise ValueError(f"--attention_backend {name} needs a CUDA device with cuDNN; this run is on {device_type}")
+        return
     if name.endswith("_hub"):
         raise ValueError(f"--attention_backend {name} is refused: it fetches kernel code from the Hugging Face Hub "
                          "at run time; install the kernel package and name its local backend instead")
@@ -223,3 +298,7 @@ def reset_attention_backend(denoiser) -> None:
 
     denoiser.reset_attention_backend()
     _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
+    for key, (function, arg_names) in _REPLACED.items():  # diffusers' own entries back
+        _AttentionBackendRegistry._backends[key] = function
+        _AttentionBackendRegistry._supported_arg_names[key] = arg_names
+    _REPLACED.clear()

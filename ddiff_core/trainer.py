@@ -42,7 +42,7 @@ from ddiff_core.runs import (RunIdentity, check_output_dir, clear_run_outputs, d
 from ddiff_core.memory import estimate_peak, out_of_memory_advice
 from ddiff_core.quantization import check_quantization
 from ddiff_core.speed import (blocks_uncompiled, check_attention_backend, compiled_graphs, default_compile,
-                              recompile_limit_hits, repeated_blocks, reset_attention_backend)
+                              recompile_limit_hits, repeated_blocks, reset_attention_backend, set_attention_backend)
 from ddiff_core.validation import ValidationRunner
 
 logger = logging.getLogger(__name__)
@@ -355,7 +355,7 @@ class LoraTrainer:
         set_seed(self.seed)
         denoiser = self.components[self.family.denoiser_name]
         if cfg.attention_backend:
-            denoiser.set_attention_backend(cfg.attention_backend)
+            set_attention_backend(denoiser, cfg.attention_backend)
         self.lora_config = add_trainable_lora(denoiser, self.family, rank=cfg.rank, alpha=cfg.lora_alpha,
                                               dropout=cfg.lora_dropout, lora_layers=cfg.lora_layers, seed=self.seed,
                                               gradient_checkpointing=cfg.gradient_checkpointing,

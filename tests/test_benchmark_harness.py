@@ -210,9 +210,9 @@ def test_the_attention_probe_records_a_crashing_case_and_goes_on(tmp_path):
 
 
 def test_the_matched_gradient_reaches_attention_in_the_outputs_own_layout():
-    # cudnn-matched's fix for the suspected cause of cuDNN's crash: the output's gradient arrives in FLUX's (B, S, H, D)
-    # layout, whose strides differ from the (B, H, S, D) output's; _GradLike hands it on in the output's layout.
-    from benchmarks.attention_probe import _GradLike
+    # ddiff_cudnn's fix for the suspected cause of cuDNN's crash: the output's gradient arrives in FLUX's (B, S, H, D)
+    # layout, whose strides differ from the (B, H, S, D) output's; GradInOutputLayout hands it on in the output's layout.
+    from ddiff_core.speed import GradInOutputLayout as _GradLike
 
     seen, grads = {}, {}
     upstream = torch.randn(1, 8, 8)
@@ -252,3 +252,22 @@ def test_bf16_lora_weights_lose_most_adamw_updates_of_lora_a_and_fp32_ones_keep_
     script = tmp_path / "train.py"
     script.write_text('check_min_version("0.33.0.dev0")\n')
     assert script_provenance(script)["check_min_version"] == "0.33.0.dev0"
+
+
+def test_gpu_run_tries_the_trainer_on_ddiff_cudnn_only_where_the_probe_found_it_running_right_and_faster(tmp_path):
+    from benchmarks.attention_probe import cudnn_worth_a_trainer_run
+
+    flash = {"status": "ok", "fwd_ms": 1.0, "bwd_ms": 3.0}
+    matched = {"status": "ok", "fwd_ms": 0.8, "bwd_ms": 2.0, "rel_err_vs_flash": {"out": 4e-3, "dq": 8e-3}}
+    assert cudnn_worth_a_trainer_run({"cases": {"flash": flash, "cudnn-matched": matched}})
+    assert not cudnn_worth_a_trainer_run({"cases": {"flash": flash, "cudnn-matched": {**matched, "bwd_ms": 3.5}}})
+    assert not cudnn_worth_a_trainer_run({"cases": {"flash": flash, "cudnn-matched": {
+        **matched, "rel_err_vs_flash": {"out": 4e-3, "dq": 0.5}}}})
+    assert not cudnn_worth_a_trainer_run({"cases": {"flash": flash, "cudnn-matched": {
+        "status": "crashed (exit 1): RuntimeError: CUDA error: an illegal memory access was encountered"}}})
+    result = tmp_path / "attention.json"  # the shell's question: exit 0 for yes, 1 for no (or no file)
+    result.write_text(json.dumps({"cases": {"flash": flash, "cudnn-matched": matched}}))
+    ask = [sys.executable, "-m", "benchmarks.attention_probe", "--worth-trying"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    assert subprocess.run(ask + [str(result)], env=env, capture_output=True, cwd=REPO).returncode == 0
+    assert subprocess.run(ask + [str(tmp_path / "none.json")], env=env, capture_output=True, cwd=REPO).returncode == 1

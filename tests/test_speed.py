@@ -139,15 +139,61 @@ def test_checkpoint_interval_wraps_every_nth_repeated_block_and_is_undone(tiny_f
 
 @pytest.mark.parametrize("backend, message", [
     ("_native_cudnn", "illegal memory access"), ("flash_hub", "Hub at run time"), ("bogus", "not one of"),
-    ("flash", "needs a CUDA device"),
+    ("flash", "needs a CUDA device"), ("ddiff_cudnn", "needs a CUDA device with cuDNN"),
 ])
 def test_attention_backends_known_to_fail_are_refused_before_loading(tiny_flux, tmp_path, capsys, backend, message):
-    if backend == "flash" and torch.cuda.is_available():
-        pytest.skip("flash is allowed on CUDA")
+    if backend in ("flash", "ddiff_cudnn") and torch.cuda.is_available():
+        pytest.skip(f"{backend} is allowed on CUDA")
     with pytest.raises(ValueError, match=message):
         check_attention_backend(backend, "cpu")
     code, err = run_main("train_lora.py", train_args(tiny_flux, tmp_path / "out", "--attention_backend", backend), capsys)
     assert code == 2 and message in err and "Loading pipeline" not in err
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_layout_matched_attention_computes_what_diffusers_does_and_gives_its_slot_back(tiny_flux, compiled):
+    # ddiff_cudnn takes the _native_cudnn slot of diffusers' dispatcher for a run; on the CPU the same function runs
+    # on the math kernel: FLUX's loss and every LoRA gradient must be those of diffusers' own math backend, eager and
+    # compiled (the gradient re-layout must trace without a graph break), and a reset must put diffusers' entry back.
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry as registry
+    from torch.nn.attention import SDPBackend
+
+    from ddiff_core.speed import install_attention, layout_matched_attention, reset_attention_backend
+
+    family = get_family("flux")
+    denoiser = family.load_components(str(tiny_flux), dtype=torch.float32)[family.denoiser_name]
+    add_trainable_lora(denoiser, family, rank=4, alpha=4, dropout=0.0, lora_layers=None, seed=0,
+                       gradient_checkpointing=False, compile=compiled)
+    for p in denoiser.parameters():  # a non-zero B, so the gradients pass through the LoRA and the attention
+        if p.requires_grad:
+            p.data.normal_(generator=torch.Generator().manual_seed(1))
+    original = registry._backends[AttentionBackendName._NATIVE_CUDNN]
+    results = {}
+    for name in ("_native_math", "_native_cudnn"):
+        if name == "_native_cudnn":
+            install_attention(name, layout_matched_attention(SDPBackend.MATH))
+        denoiser.set_attention_backend(name)
+        results[name] = _fp32_step(denoiser, family)
+    reset_attention_backend(denoiser)
+    assert registry._backends[AttentionBackendName._NATIVE_CUDNN] is original
+    (loss_a, grads_a), (loss_b, grads_b) = results.values()
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=0)
+    for n in grads_a:
+        torch.testing.assert_close(grads_b[n], grads_a[n], rtol=1e-4, atol=1e-6)
+    assert any(g.abs().sum() > 0 for n, g in grads_a.items() if "attn.to_q" in n)
+
+
+def _fp32_step(denoiser, family):
+    gen = torch.Generator().manual_seed(0)
+    cfg = denoiser.config
+    noisy = torch.randn(2, cfg.in_channels // 4, 8, 8, generator=gen)
+    embeds = {"prompt_embeds": torch.randn(2, 6, cfg.joint_attention_dim, generator=gen),
+              "pooled_prompt_embeds": torch.randn(2, cfg.pooled_projection_dim, generator=gen)}
+    denoiser.zero_grad(set_to_none=True)
+    pred = family.predict_velocity(denoiser, noisy, torch.tensor([300.0, 700.0]), embeds, family.loss_settings())
+    loss = pred.square().mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in denoiser.named_parameters() if p.requires_grad}
 
 
 def test_an_explicit_cpu_attention_backend_trains(tiny_flux, tmp_path):
