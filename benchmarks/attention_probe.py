@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import subprocess
 import sys
@@ -63,10 +64,10 @@ def attention(q, k, v, case: str) -> torch.Tensor:
     cudnn-diffusers runs diffusers' own ``_native_cudnn`` function, cudnn-matched ddiff's ``ddiff_cudnn`` one."""
     from torch.nn.attention import sdpa_kernel
 
-    if case == "cudnn-diffusers":
-        from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+    if case == "cudnn-diffusers":  # diffusers' own function, not whatever holds its registry slot
+        from diffusers.models.attention_dispatch import _native_cudnn_attention
 
-        return _AttentionBackendRegistry._backends[AttentionBackendName._NATIVE_CUDNN](q, k, v).flatten(2, 3)
+        return _native_cudnn_attention(q, k, v).flatten(2, 3)
     if case == "cudnn-matched":
         return layout_matched_attention(_backend(case))(q, k, v).flatten(2, 3)
     q, k, v = (x.permute(0, 2, 1, 3) for x in (q, k, v))
@@ -206,9 +207,11 @@ def cudnn_worth_a_trainer_run(result: dict, max_err: float = 2e-2) -> bool:
     matched, flash = cases.get("cudnn-matched", {}), cases.get("flash", {})
     if matched.get("status") != "ok" or flash.get("status") != "ok":
         return False
-    err = matched.get("rel_err_vs_flash", {})
-    return (max(err.values(), default=1.0) <= max_err
-            and matched["fwd_ms"] + matched["bwd_ms"] < flash["fwd_ms"] + flash["bwd_ms"])
+    err = list(matched.get("rel_err_vs_flash", {}).values())
+    times = [matched["fwd_ms"], matched["bwd_ms"], flash["fwd_ms"], flash["bwd_ms"]]
+    if not err or not all(math.isfinite(e) and e <= max_err for e in err) or not all(map(math.isfinite, times)):
+        return False  # a NaN error or time passes no comparison
+    return matched["fwd_ms"] + matched["bwd_ms"] < flash["fwd_ms"] + flash["bwd_ms"]
 
 
 def main(argv=None) -> None:

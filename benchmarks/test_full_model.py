@@ -38,7 +38,7 @@ TEXT_TOKENS = 512
 # (resolution, batch, compile, checkpointing interval or 0, peft's input casts kept), in the order a short window
 # should measure them: the goal's configuration eager and compiled; then the eager variants (seconds each): the
 # checkpointing doses, the kept casts (the "before" of skip_lora_input_casts), 512 px; last the compiled ones that
-# need new graphs (a minute or more each at this size), which gpu_run.sh's 220 s limit may cut off.
+# need new graphs (a minute or more each at this size), which gpu_run.sh's 280 s limit may cut off.
 FULL_VARIANTS = [(1024, 1, False, 0, False), (1024, 1, True, 0, False),
                  (1024, 1, False, 1, False), (1024, 1, False, 2, False), (1024, 1, False, 0, True),
                  (512, 1, False, 0, False), (512, 2, False, 0, False),
@@ -131,27 +131,28 @@ def _run_variant(benchmark, bench_env, base, index):
     device = torch.device(bench_env.device)
     model = comps["transformer"]
     cfg = TrainConfig(learning_rate=1e-4, rank=16, lora_alpha=16, max_grad_norm=1.0)
-    if bench_env.attention:  # as the trainer sets it: before the LoRA and the compile
-        check_attention_backend(bench_env.attention, device.type, family)
-        set_attention_backend(model, bench_env.attention)
-    add_trainable_lora(model, family, rank=cfg.rank, alpha=cfg.lora_alpha, dropout=0.0, lora_layers=None, seed=0,
-                       gradient_checkpointing=bool(interval), checkpointing_interval=max(interval, 1), compile=compile)
-    if peft_casts:
-        skip_lora_input_casts(model, skip=False)  # peft's default: the "before"
-    graphs_before = compiled_graphs()
-    model.train()
-    step, optimizer = trainer_step(family, comps, model, dtype, device, resolution, batch, text_tokens, text_width,
-                                   pooled_width, cfg)
-    side = resolution // 8
     benchmark.group = f"trainer-step-{resolution}px-b{batch}"
     benchmark.extra_info.update(case="full_flux_trainer" if bench_env.size == "full" else "trainer_step",
                                 variant=_variant_id(variants[index]) + (f"-{bench_env.attention}" if bench_env.attention
                                                                          else ""), resolution=resolution, batch=batch,
                                 compile=compile, checkpointing_interval=interval, peft_input_casts=peft_casts,
-                                attention_backend=bench_env.attention or "native",
-                                size=bench_env.size,
+                                attention_backend=bench_env.attention or "native", size=bench_env.size,
                                 device=bench_env.device, **versions())
+    optimizer = None
     try:
+        if bench_env.attention:  # as the trainer sets it: before the LoRA and the compile
+            check_attention_backend(bench_env.attention, device.type, family)
+            set_attention_backend(model, bench_env.attention)
+        add_trainable_lora(model, family, rank=cfg.rank, alpha=cfg.lora_alpha, dropout=0.0, lora_layers=None, seed=0,
+                           gradient_checkpointing=bool(interval), checkpointing_interval=max(interval, 1),
+                           compile=compile)
+        if peft_casts:
+            skip_lora_input_casts(model, skip=False)  # peft's default: the "before"
+        graphs_before = compiled_graphs()
+        model.train()
+        step, optimizer = trainer_step(family, comps, model, dtype, device, resolution, batch, text_tokens, text_width,
+                                       pooled_width, cfg)
+        side = resolution // 8
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -171,15 +172,19 @@ def _run_variant(benchmark, bench_env, base, index):
                                     params_b=sum(p.numel() for p in model.parameters()) / 1e9)
         if benchmark.stats:  # None with --benchmark-disable
             benchmark.extra_info["mfu"] = flops / benchmark.stats.stats.median / _peak_flops()
-        if device.type == "cuda" and bench_env.size == "full" and index in KERNEL_TABLE_VARIANTS:
+        if (device.type == "cuda" and bench_env.size == "full" and index in KERNEL_TABLE_VARIANTS
+                and not bench_env.attention):  # another backend's run has no time to spare for it in gpu_run.sh
             benchmark.extra_info["kernels"] = profile_kernels(step)  # after the timing: the profiler slows the host
     finally:
-        optimizer.zero_grad(set_to_none=True)
-        remove_trainable_lora(model, family)
-        if bench_env.attention:
-            reset_attention_backend(model)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        try:
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+            remove_trainable_lora(model, family)
+        finally:
+            if bench_env.attention:
+                reset_attention_backend(model)  # diffusers' attention entries back, whatever happened
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 def trainer_step(family, comps, model, dtype, device, resolution, batch, text_tokens, text_width, pooled_width, cfg):

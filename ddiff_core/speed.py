@@ -203,16 +203,21 @@ def attention_backends() -> list[str]:
 class GradInOutputLayout(torch.autograd.Function):
     """The identity, whose backward hands the gradient on laid out as the forward's tensor (a copy only where it is
     not). cuDNN's attention backward gets the gradient of its output in the output's own strides; FLUX's double-stream
-    blocks send it contiguous in (B, S, H*D), the single-stream blocks as a slice of a wider concatenation."""
+    blocks send it contiguous in (B, S, H*D), the single-stream blocks as a slice of a wider concatenation. Under
+    torch.compile dynamo hands a Function's backward contiguous gradients already, and inductor lays the attention
+    backward's inputs out as it requires; what reaches cuDNN there is the compiled graph's choice."""
 
     @staticmethod
     def forward(ctx, x):
-        ctx.strides = x.stride()
+        ctx.size, ctx.strides = x.size(), x.stride()
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad if grad.stride() == ctx.strides else grad.contiguous()
+        if grad.stride() == ctx.strides:
+            return grad
+        out = torch.empty_strided(ctx.size, ctx.strides, dtype=grad.dtype, device=grad.device)
+        return out.copy_(grad)
 
 
 def layout_matched_attention(backend):
@@ -255,8 +260,9 @@ def set_attention_backend(denoiser, name: str) -> None:
     if name in DDIFF_BACKENDS:
         from torch.nn.attention import SDPBackend
 
-        slot = DDIFF_BACKENDS[name][0]
+        slot, what = DDIFF_BACKENDS[name]
         install_attention(slot, layout_matched_attention(SDPBackend.CUDNN_ATTENTION))
+        logger.info("attention: %s, %s", name, what)
         name = slot
     denoiser.set_attention_backend(name)
 

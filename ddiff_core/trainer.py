@@ -41,8 +41,9 @@ from ddiff_core.runs import (RunIdentity, check_output_dir, clear_run_outputs, d
                              read_run_file, write_run_file)
 from ddiff_core.memory import estimate_peak, out_of_memory_advice
 from ddiff_core.quantization import check_quantization
-from ddiff_core.speed import (blocks_uncompiled, check_attention_backend, compiled_graphs, default_compile,
-                              recompile_limit_hits, repeated_blocks, reset_attention_backend, set_attention_backend)
+from ddiff_core.speed import (DDIFF_BACKENDS, blocks_uncompiled, check_attention_backend, compiled_graphs,
+                              default_compile, recompile_limit_hits, repeated_blocks, reset_attention_backend,
+                              set_attention_backend)
 from ddiff_core.validation import ValidationRunner
 
 logger = logging.getLogger(__name__)
@@ -208,6 +209,9 @@ class LoraTrainer:
         self.family.check_settings(self.loss_settings, cfg.lora_format)
         device_type = launch_device_type()
         check_attention_backend(cfg.attention_backend, device_type, self.family)
+        if cfg.attention_backend in DDIFF_BACKENDS and cfg.mixed_precision not in ("bf16", "fp16"):
+            raise ConfigError(f"--attention_backend {cfg.attention_backend} runs cuDNN's attention, which takes bf16 or "
+                              "fp16 only: add --mixed_precision bf16")
         self.compile_by_default = cfg.compile is None and default_compile(
             self.family.name, device_type, cfg.base_quantization, sharded=env_flag("ACCELERATE_USE_FSDP"))
         self.config = cfg = dataclasses.replace(cfg, compile=bool(cfg.compile or self.compile_by_default))
@@ -643,9 +647,11 @@ class LoraTrainer:
         denoiser = getattr(self, "components", {}).get(self.family.denoiser_name) if hasattr(self, "family") else None
         if denoiser is not None:
             denoiser.__dict__.pop("_is_accelerate_prepared", None)  # or the next run's prepare would skip it
-            remove_trainable_lora(denoiser, self.family)
-            if self.config.attention_backend:
-                reset_attention_backend(denoiser)
+            try:
+                remove_trainable_lora(denoiser, self.family)
+            finally:  # diffusers' attention entries back, whatever happened (ddiff_cudnn borrows one)
+                if self.config.attention_backend:
+                    reset_attention_backend(denoiser)
         # The run's data (and its loader's workers), caches and validation pipeline go with it.
         self.denoiser = self.optimizer = self.params = self.ema = None
         self.data = self.features = self.validator = None

@@ -264,6 +264,8 @@ def test_gpu_run_tries_the_trainer_on_ddiff_cudnn_only_where_the_probe_found_it_
     assert not cudnn_worth_a_trainer_run({"cases": {"flash": flash, "cudnn-matched": {
         **matched, "rel_err_vs_flash": {"out": 4e-3, "dq": 0.5}}}})
     assert not cudnn_worth_a_trainer_run({"cases": {"flash": flash, "cudnn-matched": {
+        **matched, "rel_err_vs_flash": {"out": 4e-3, "dq": float("nan")}}}})  # NaN gradients: no
+    assert not cudnn_worth_a_trainer_run({"cases": {"flash": flash, "cudnn-matched": {
         "status": "crashed (exit 1): RuntimeError: CUDA error: an illegal memory access was encountered"}}})
     result = tmp_path / "attention.json"  # the shell's question: exit 0 for yes, 1 for no (or no file)
     result.write_text(json.dumps({"cases": {"flash": flash, "cudnn-matched": matched}}))

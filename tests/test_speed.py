@@ -154,8 +154,9 @@ def test_attention_backends_known_to_fail_are_refused_before_loading(tiny_flux, 
 def test_the_layout_matched_attention_computes_what_diffusers_does_and_gives_its_slot_back(tiny_flux, compiled):
     # ddiff_cudnn takes the _native_cudnn slot of diffusers' dispatcher for a run; on the CPU the same function runs
     # on the math kernel: FLUX's loss and every LoRA gradient must be those of diffusers' own math backend, eager and
-    # compiled (the gradient re-layout must trace without a graph break), and a reset must put diffusers' entry back.
+    # compiled (without a graph break), and a reset must put diffusers' entry back.
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry as registry
+    from torch._dynamo.utils import counters
     from torch.nn.attention import SDPBackend
 
     from ddiff_core.speed import install_attention, layout_matched_attention, reset_attention_backend
@@ -168,19 +169,76 @@ def test_the_layout_matched_attention_computes_what_diffusers_does_and_gives_its
         if p.requires_grad:
             p.data.normal_(generator=torch.Generator().manual_seed(1))
     original = registry._backends[AttentionBackendName._NATIVE_CUDNN]
+    breaks_before = sum(counters["graph_break"].values())
     results = {}
-    for name in ("_native_math", "_native_cudnn"):
-        if name == "_native_cudnn":
-            install_attention(name, layout_matched_attention(SDPBackend.MATH))
-        denoiser.set_attention_backend(name)
-        results[name] = _fp32_step(denoiser, family)
-    reset_attention_backend(denoiser)
+    try:
+        for name in ("_native_math", "_native_cudnn"):
+            if name == "_native_cudnn":
+                install_attention(name, layout_matched_attention(SDPBackend.MATH))
+            denoiser.set_attention_backend(name)
+            results[name] = _fp32_step(denoiser, family)
+    finally:
+        reset_attention_backend(denoiser)
     assert registry._backends[AttentionBackendName._NATIVE_CUDNN] is original
+    assert sum(counters["graph_break"].values()) == breaks_before
     (loss_a, grads_a), (loss_b, grads_b) = results.values()
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=0)
     for n in grads_a:
         torch.testing.assert_close(grads_b[n], grads_a[n], rtol=1e-4, atol=1e-6)
     assert any(g.abs().sum() > 0 for n, g in grads_a.items() if "attn.to_q" in n)
+
+
+def test_the_layout_matched_attention_hands_sdpa_the_gradient_in_its_outputs_layout(monkeypatch):
+    # What ddiff_cudnn changes: SDPA's backward gets its output's gradient in the output's strides, for the gradient of
+    # a double-stream block (contiguous (B, S, H*D)) and of a single-stream block (a slice of a 5x wider tensor); the
+    # same computation without the re-layout (diffusers' _native_cudnn, here on the math kernel) hands it on unchanged.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ddiff_core.speed import layout_matched_attention
+
+    sdpa, seen = torch.nn.functional.scaled_dot_product_attention, []
+
+    def spy(*args, **kwargs):
+        out = sdpa(*args, **kwargs)
+        out.register_hook(lambda grad: seen.append(grad.stride() == out.stride()))
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+
+    def plain(q, k, v):
+        q, k, v = (x.permute(0, 2, 1, 3).contiguous() for x in (q, k, v))
+        with sdpa_kernel(SDPBackend.MATH):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v).permute(0, 2, 1, 3)
+
+    grad = torch.randn(1, 8, 2 * 4)
+    wide = torch.zeros(1, 8, 5 * 2 * 4)
+    wide[..., :8] = grad
+    for attention, matched in ((plain, False), (layout_matched_attention(SDPBackend.MATH), True)):
+        for g in (grad, wide[..., :8]):
+            q, k, v = (torch.randn(1, 8, 2, 4, requires_grad=True) for _ in range(3))
+            attention(q, k, v).flatten(2, 3).backward(g)
+    assert seen == [False, False, True, True]
+
+
+def test_ddiff_cudnn_borrows_diffusers_cudnn_slot_for_a_run_and_gives_it_back(tiny_flux):
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry as registry
+
+    from ddiff_core import speed
+
+    family = get_family("flux")
+    denoiser = family.load_components(str(tiny_flux), dtype=torch.float32)[family.denoiser_name]
+    slot = AttentionBackendName._NATIVE_CUDNN
+    original = registry._backends[slot]
+    try:
+        speed.set_attention_backend(denoiser, "ddiff_cudnn")
+        assert registry._backends[slot] is not original and "return_lse" in registry._supported_arg_names[slot]
+        backends = {m.processor._attention_backend for m in denoiser.modules() if hasattr(m, "processor")}
+        assert backends == {slot}
+        speed.set_attention_backend(denoiser, "ddiff_cudnn")  # a second run of the launch: the original is kept
+    finally:
+        speed.reset_attention_backend(denoiser)
+    assert registry._backends[slot] is original and not speed._REPLACED
+    assert {m.processor._attention_backend for m in denoiser.modules() if hasattr(m, "processor")} == {None}
 
 
 def _fp32_step(denoiser, family):
