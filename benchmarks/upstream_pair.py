@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.cases import model_dir
-from benchmarks.harness import cpu_description
+from benchmarks.harness import cpu_description, versions
 from benchmarks.step_clock import step_times
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,7 +150,8 @@ def main(argv=None) -> None:
         **{f"upstream_{k}": v for k, v in script_provenance(args.upstream_script).items()}, "model": f"flux {args.size}",
         "resolution": args.resolution, "steps": args.steps, "rank": args.rank,
         "trainable_params": rounds[0]["ddiff"]["trainable_params"], "torchvision": "shim" if shim else "real",
-        "cpu": cpu_description(), "torch": torch.__version__, "versions": _versions(),
+        "cpu": cpu_description(), "torch": torch.__version__,
+        "versions": {k: v for k, v in versions().items() if k in ("diffusers", "transformers", "peft", "accelerate")},
         "rounds": [{side: {"median_step_s": statistics.median(run["step_s"]), "step_s": run["step_s"]}
                     for side, run in runs.items()} for runs in rounds],
         "bf16_lora_a": bf16_update_survival(rank=args.rank),
@@ -158,15 +159,6 @@ def main(argv=None) -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1) + "\n")
     print(render(result))
-
-
-def _versions() -> dict:
-    import accelerate
-    import diffusers
-    import peft
-    import transformers
-
-    return {m.__name__: m.__version__ for m in (diffusers, transformers, peft, accelerate)}
 
 
 def render(result: dict) -> str:
