@@ -172,8 +172,7 @@ def _run_variant(benchmark, bench_env, base, index):
                                     params_b=sum(p.numel() for p in model.parameters()) / 1e9)
         if benchmark.stats:  # None with --benchmark-disable
             benchmark.extra_info["mfu"] = flops / benchmark.stats.stats.median / _peak_flops()
-        if (device.type == "cuda" and bench_env.size == "full" and index in KERNEL_TABLE_VARIANTS
-                and not bench_env.attention):  # another backend's run has no time to spare for it in gpu_run.sh
+        if device.type == "cuda" and bench_env.size == "full" and index in KERNEL_TABLE_VARIANTS:
             benchmark.extra_info["kernels"] = profile_kernels(step)  # after the timing: the profiler slows the host
     finally:
         try:

@@ -267,6 +267,8 @@ def test_gpu_run_tries_the_trainer_on_ddiff_cudnn_only_where_the_probe_found_it_
         **matched, "rel_err_vs_flash": {"out": 4e-3, "dq": float("nan")}}}})  # NaN gradients: no
     assert not cudnn_worth_a_trainer_run({"cases": {"flash": flash, "cudnn-matched": {
         "status": "crashed (exit 1): RuntimeError: CUDA error: an illegal memory access was encountered"}}})
+    # The H200's probe of 2026-11-27 (cuDNN on torch's layouts crashed, ddiff's layout ran): yes, as measured there.
+    assert cudnn_worth_a_trainer_run(json.loads((REPO / "benchmarks/results/attention-h200.json").read_text()))
     result = tmp_path / "attention.json"  # the shell's question: exit 0 for yes, 1 for no (or no file)
     result.write_text(json.dumps({"cases": {"flash": flash, "cudnn-matched": matched}}))
     ask = [sys.executable, "-m", "benchmarks.attention_probe", "--worth-trying"]
