@@ -216,8 +216,10 @@ def render(paths: list[Path]) -> str:
                   "time / 989 TFLOP/s (dense bf16). Graphs: torch.compile graphs compiled for that variant. peft casts: "
                   "\"kept\" is peft's default round trip of each LoRA input through fp32 (the before of "
                   "`skip_lora_input_casts`). Attention: the `--attention_backend` (native: torch's SDPA, flash on "
-                  "CUDA). Host syncs: the times one step made the host wait for the GPU (torch's sync debug mode). First step: the variant's first step, compile included (cold for the first compiled "
-                  "variant of a session; later ones may reuse inductor's cache). Command: `bash benchmarks/gpu_run.sh`.", "",
+                  "CUDA). Host syncs: the times one step made the host wait for the GPU (torch's sync debug mode). "
+                  "First step: the variant's first step, compile included (cold for the first compiled variant on a "
+                  "machine; later ones, in the same or a later process, may reuse inductor's on-disk cache, or the "
+                  "graphs of an earlier variant: 0 graphs). Command: `bash benchmarks/gpu_run.sh`.", "",
                   "| resolution | batch | compile | gradient checkpointing | peft casts | attention | s/step (median) | "
                   "peak memory | TFLOP/step | MFU | graphs | host syncs | first step |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -32,8 +32,8 @@ RECOMPILE_LIMIT = 128
 
 
 def default_compile(family_name: str, device_type: str, base_quantization: str, sharded: bool) -> bool:
-    """``--compile`` left unset: on where it was measured to pay, FLUX with an unquantized base on a CUDA GPU (1.35x
-    at 1024 px without checkpointing, 1.41-1.54x with it, on an H200; benchmarks/RESULTS.md), not sharded; off on
+    """``--compile`` left unset: on where it was measured to pay, FLUX with an unquantized base on a CUDA GPU (1.27-1.35x
+    at 1024 px without checkpointing, 1.41-1.54x with it, over two H200 windows; benchmarks/NOTES.md), not sharded; off on
     the CPU (no gain measured) and where the GPU has not measured it (other families, a quantized base, FSDP)."""
     return device_type == "cuda" and family_name == "flux" and base_quantization == "none" and not sharded
 
@@ -182,7 +182,7 @@ def skip_lora_input_casts(denoiser, skip: bool = True) -> int:
 # Backends that fail on a known stack, refused with the reason instead of a device fault mid-run.
 KNOWN_BAD = {
     "_native_cudnn": "the cuDNN SDPA backend crashes in the backward with an illegal memory access (seen on H100 and "
-                     "H200, torch 2.11); use 'ddiff_cudnn', 'native' or 'flash'",
+                     "H200, torch 2.11); use 'native' (flash), or 'ddiff_cudnn' (measured on an H200)",
 }
 
 

@@ -631,7 +631,8 @@ class LoraTrainer:
         summary = {"global_step": self.global_step, "run_fingerprint": self.identity.fingerprint,
                    "num_processes": acc.num_processes, "lora_sha256_per_process": digests,
                    "peak_memory_mb": peak_memory_mb(acc.device), "holdout": len(self.holdout),
-                   "compiled_graphs": compiled_graphs() - self.graphs_at_start if cfg.compile else None}
+                   "compiled_graphs": compiled_graphs() - self.graphs_at_start if cfg.compile else None,
+                   "attention_backend": cfg.attention_backend or "native"}
         self.outputs.write_summary(summary)
         return weights
 

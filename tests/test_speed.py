@@ -31,6 +31,7 @@ def test_compiled_training_matches_eager_resumes_exactly_and_compiles_a_bounded_
     # validations, not one per step (validation runs uncompiled).
     assert 0 < summary["compiled_graphs"] <= 8
     assert json.loads((tmp_path / "eager" / "run_summary.json").read_text())["compiled_graphs"] is None
+    assert summary["attention_backend"] == "native"
 
 
 class _CountCasts(TorchDispatchMode):
@@ -258,6 +259,8 @@ def test_an_explicit_cpu_attention_backend_trains(tiny_flux, tmp_path):
     run_script("train_lora.py", train_args(tiny_flux, tmp_path / "math", "--max_train_steps", "2",
                                            "--attention_backend", "_native_math"))
     assert (tmp_path / "math" / "pytorch_lora_weights.safetensors").is_file()
+    # The summary says which attention trained the LoRA (a benchmark's run is read back by it).
+    assert json.loads((tmp_path / "math" / "run_summary.json").read_text())["attention_backend"] == "_native_math"
 
 
 def test_a_checkpoint_of_an_unfused_adamw_resumes_into_a_fused_one():
