@@ -16,6 +16,7 @@
 # OUT_DIR/full-ddiff-cudnn.json (where run), OUT_DIR/full.json and OUT_DIR/RESULTS-*.md.
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh" "${1:-.benchmarks}"
+rm -f "$out/attention.json"  # an earlier probe's answer must not pass for this one's
 timeout -k 10 150 python3 -m benchmarks.attention_probe --output "$out/attention.json" \
   || echo "the attention probe did not finish"
 if python3 -m benchmarks.attention_probe --worth-trying "$out/attention.json"; then
