@@ -208,10 +208,10 @@ class LoraTrainer:
         self.loss_settings = LossSettings.from_config(cfg)
         self.family.check_settings(self.loss_settings, cfg.lora_format)
         device_type = launch_device_type()
-        check_attention_backend(cfg.attention_backend, device_type, self.family)
         if cfg.attention_backend in DDIFF_BACKENDS and cfg.mixed_precision not in ("bf16", "fp16"):
             raise ConfigError(f"--attention_backend {cfg.attention_backend} runs cuDNN's attention, which takes bf16 or "
                               "fp16 only: add --mixed_precision bf16")
+        check_attention_backend(cfg.attention_backend, device_type, self.family)
         self.compile_by_default = cfg.compile is None and default_compile(
             self.family.name, device_type, cfg.base_quantization, sharded=env_flag("ACCELERATE_USE_FSDP"))
         self.config = cfg = dataclasses.replace(cfg, compile=bool(cfg.compile or self.compile_by_default))

@@ -147,8 +147,16 @@ def test_attention_backends_known_to_fail_are_refused_before_loading(tiny_flux, 
         pytest.skip(f"{backend} is allowed on CUDA")
     with pytest.raises(ValueError, match=message):
         check_attention_backend(backend, "cpu")
-    code, err = run_main("train_lora.py", train_args(tiny_flux, tmp_path / "out", "--attention_backend", backend), capsys)
+    code, err = run_main("train_lora.py", train_args(tiny_flux, tmp_path / "out", "--attention_backend", backend,
+                                                     "--mixed_precision", "bf16"), capsys)
     assert code == 2 and message in err and "Loading pipeline" not in err
+
+
+def test_ddiff_cudnn_is_refused_without_bf16_or_fp16_before_loading(tiny_flux, tmp_path, capsys):
+    # cuDNN's attention takes half precision only: on any device, a full-precision run is told so before the model loads.
+    code, err = run_main("train_lora.py", train_args(tiny_flux, tmp_path / "out", "--attention_backend", "ddiff_cudnn",
+                                                     "--mixed_precision", "no"), capsys)
+    assert code == 2 and "takes bf16 or fp16 only" in err and "Loading pipeline" not in err
 
 
 @pytest.mark.parametrize("compiled", [False, True])
