@@ -157,9 +157,10 @@ def make_accelerator(config: TrainConfig, project_dir: Path) -> Accelerator:
                                                           logging_dir=str(Path(project_dir) / config.logging_dir)))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if acc.is_main_process else logging.WARNING)
-    if torch.cuda.is_available() and config.attention_backend != "_native_cudnn":
+    if torch.cuda.is_available():
         # SDPA may pick its cuDNN kernel on Hopper, whose backward crashed with an illegal memory access on H100 and
-        # H200 (torch 2.11): flash attention by default, as --attention_backend says.
+        # H200 (torch 2.11): flash attention by default, as --attention_backend says. ddiff_cudnn asks for cuDNN
+        # explicitly (sdpa_kernel), and _native_cudnn is refused (speed.KNOWN_BAD).
         torch.backends.cuda.enable_cudnn_sdp(False)
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
